@@ -1,0 +1,3 @@
+from growc.cli import main
+
+main()

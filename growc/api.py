@@ -1,0 +1,93 @@
+"""The Python API. The CLI calls these same functions and only adds printing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from growc.data import as_loader, load_builtin
+from growc.deploy.export import export_onnx
+from growc.graph.candidates import CandidateReport, find_width_sites
+from growc.graph.trace import trace
+from growc.growth.config import GrowthConfig
+from growc.growth.loop import GrowthResult, Observer, grow
+from growc.userfile import check_model_takes_data, load_user_data, load_user_file
+
+#: Validation samples on which onnxruntime is compared with torch.
+ONNX_CHECK_SAMPLES = 1000
+
+
+def candidates_of(model: nn.Module, leaf_modules: Iterable[str] = ()) -> CandidateReport:
+    """The growth sites of `model` and the layers it cannot grow, with the reason for each."""
+    return find_width_sites(trace(model, leaf_modules))
+
+
+def _first_inputs(loader, limit: int) -> list[torch.Tensor]:
+    parts, count = [], 0
+    for batch in loader:
+        *inputs, _ = batch
+        parts.append(inputs)
+        count += inputs[0].shape[0]
+        if count >= limit:
+            break
+    return [torch.cat([p[i] for p in parts])[:limit] for i in range(len(parts[0]))]
+
+
+def grow_file(
+    model_file: str | Path,
+    data: str = "digits",
+    out: str | Path | None = None,
+    observer: Observer | None = None,
+    leaf_modules: Iterable[str] = (),
+    opset: int = 18,
+    **settings,
+) -> GrowthResult:
+    """`growc grow`: load MODEL.py, grow its model, write model.onnx, model.safetensors and
+    report.json to `out` (default exported_models/<file name>/)."""
+    model_file = Path(model_file)
+    out = Path(out) if out is not None else Path("exported_models") / model_file.stem
+    config = GrowthConfig(**settings)
+    torch.manual_seed(config.seed)  # the model file builds the model: its initialization is seeded too
+    user = load_user_file(model_file)
+    train, val = load_user_data(user) if user.data is not None else load_builtin(data, config.seed)
+    train_loader = as_loader(train, config.batch_size, shuffle=True, seed=config.seed)
+    val_loader = as_loader(val, max(config.batch_size, 256), shuffle=False, seed=config.seed)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from growc.errors import GrowcError
+
+        raise GrowcError("--device cuda was asked for but torch sees no GPU: use --device cpu")
+    check_model_takes_data(user.model, train_loader, user.loss, device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = grow(
+        user.model,
+        train_loader,
+        val_loader,
+        user.loss,
+        config,
+        observer,
+        leaf_modules=leaf_modules,
+        checkpoint=out / "model.safetensors",
+    )
+    check_inputs = _first_inputs(val_loader, ONNX_CHECK_SAMPLES)
+    exported = export_onnx(result.model, check_inputs, out / "model.onnx", opset=opset, check_inputs=check_inputs)
+    result.report.final.update(
+        {
+            "onnx_path": str(exported.path),
+            "onnx_max_abs_diff": exported.max_abs_diff,
+            "opset": exported.opset,
+            "checkpoint_path": str(out / "model.safetensors"),
+            "model_file": str(model_file),
+            "data": data if user.data is None else "model file",
+        }
+    )
+    from growc.growth.checkpoint import save_checkpoint
+
+    save_checkpoint(out / "model.safetensors", result.graph, {"report": result.report.to_dict(), "step": "final"})
+    result.report.write(out / "report.json")
+    result.model.to(device)
+    return result

@@ -1,0 +1,247 @@
+"""The `growc` command: parses options, calls the same functions as the Python API, prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from growc.errors import GrowcError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Grow neural networks from tiny to just-big-enough, and ship them as ONNX.",
+)
+console = Console(stderr=False)
+errors = Console(stderr=True)
+
+
+class RichObserver:
+    """Shows a progress bar per epoch and a table per growth step."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.progress: Progress | None = None
+        self.task = None
+
+    def run_start(self, sites, params: int) -> None:
+        if self.quiet:
+            return
+        console.print(f"[bold]growth sites[/]: {', '.join(s.name for s in sites)}  ·  {params:,} parameters")
+
+    def epoch_start(self, step: int, epoch: int, epochs: int, batches: int) -> None:
+        if self.quiet:
+            return
+        self.progress = Progress(
+            TextColumn(f"step {step} epoch {epoch + 1}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=batches or None)
+
+    def batch_end(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def epoch_end(self, step: int, epoch: int, train_loss: float) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def step_end(self, record) -> None:
+        if self.quiet:
+            return
+        acc = f"{record.val_accuracy:.2%}" if record.val_accuracy is not None else "n/a"
+        title = f"step {record.step}: {record.params:,} params, train loss {record.train_loss:.4f}, val loss {record.val_loss:.4f}, val acc {acc}"
+        table = Table(title=title, title_justify="left")
+        for column in (
+            "site",
+            "width",
+            "bottleneck",
+            "relative",
+            "significant",
+            "added",
+            "gamma",
+            "predicted gain",
+            "observed gain",
+        ):
+            table.add_column(column, justify="right" if column != "site" else "left")
+        grown = {g.site: g for g in record.grown}
+        for site, width in record.widths.items():
+            b = record.bottlenecks.get(site, {})
+            g = grown.get(site)
+            table.add_row(
+                site,
+                str(width),
+                f"{b['bottleneck']:.3g}" if b else "-",
+                f"{b['relative']:.2f}" if b else "-",
+                str(b.get("significant", "-")),
+                str(g.neurons) if g else "0",
+                f"{g.gamma:g}" if g else "-",
+                f"{g.predicted_gain:.3g}" if g else "-",
+                f"{g.observed_gain:.3g}" if g else "-",
+            )
+        console.print(table)
+        if record.note:
+            console.print(f"[yellow]{record.note}[/]")
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            console.print(text)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def grow(
+    model_file: Annotated[Path, typer.Argument(help="Python file defining `model` (and optionally `data`, `loss`)")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="built-in data set when the file defines no `data`: digits, mnist:PATH, cifar10:PATH, mnist1d"
+        ),
+    ] = "digits",
+    epochs: Annotated[int, typer.Option(min=0, help="training epochs between growth steps")] = 1,
+    final_epochs: Annotated[int, typer.Option(min=0, help="training epochs after the last growth step")] = 20,
+    steps: Annotated[int, typer.Option(min=0, help="maximum number of growth steps")] = 30,
+    max_params: Annotated[Optional[int], typer.Option(min=1, help="never grow past this many parameters")] = None,
+    strategy: Annotated[str, typer.Option(help="new neurons from: tiny, random, gradmax")] = "tiny",
+    lr: Annotated[float, typer.Option(min=0.0, help="learning rate")] = 3e-3,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
+    out: Annotated[
+        Optional[Path], typer.Option(help="output folder (default: exported_models/<model file name>/)")
+    ] = None,
+    leaf: Annotated[
+        Optional[list[str]], typer.Option(help="submodule (path or class name) to keep opaque when tracing")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    quiet: Annotated[bool, typer.Option(help="print only the summary")] = False,
+) -> None:
+    """Grow MODEL_FILE's model by its expressivity bottlenecks, then export it to ONNX."""
+    from growc.api import grow_file
+
+    out = out or Path("exported_models") / model_file.stem
+    try:
+        result = grow_file(
+            model_file,
+            data=data,
+            out=out,
+            epochs=epochs,
+            final_epochs=final_epochs,
+            steps=steps,
+            max_params=max_params,
+            strategy=strategy,
+            lr=lr,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            leaf_modules=leaf or [],
+            opset=opset,
+            observer=RichObserver(quiet),
+        )
+    except GrowcError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail(f"interrupted: the last completed step's checkpoint is in {out}", code=130)
+    final = result.report.final
+    acc = final.get("final_val_accuracy")
+    console.print(
+        f"[bold green]done[/]: {final['initial_params']:,} -> {final['final_params']:,} parameters, "
+        f"widths {final['widths']}, val acc {acc:.2%}"
+        if acc is not None
+        else f"[bold green]done[/]: {final}"
+    )
+    console.print(
+        f"wrote {out}/model.onnx (onnxruntime max |diff| {final['onnx_max_abs_diff']:.1e}), {out}/model.safetensors, {out}/report.json"
+    )
+
+
+@app.command()
+def inspect(
+    model_file: Annotated[Path, typer.Argument(help="Python file defining `model`")],
+    leaf: Annotated[Optional[list[str]], typer.Option(help="submodule to keep opaque when tracing")] = None,
+) -> None:
+    """List the growth sites growc finds in MODEL_FILE's model, and what it cannot grow and why."""
+    from growc.api import candidates_of
+    from growc.userfile import load_user_file
+
+    try:
+        user = load_user_file(model_file)
+        report = candidates_of(user.model, leaf_modules=leaf or [])
+    except GrowcError as exc:
+        _fail(str(exc))
+    table = Table(title=f"growth sites of {model_file}", title_justify="left")
+    for column in ("site", "kind", "layers tied", "width", "params / neuron", "activation"):
+        table.add_column(column)
+    for site in report.sites:
+        table.add_row(
+            site.name,
+            "width",
+            f"{site.producer} -> {', '.join(site.consumers)}",
+            str(site.width(user.model)),
+            str(site.params_per_neuron(user.model)),
+            site.activation,
+        )
+    console.print(table)
+    for name, why in report.skipped:
+        console.print(f"[dim]not growable[/] {name}: {why}")
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Argument(help="a growth run's output folder")]) -> None:
+    """Print the summary of a finished or interrupted run."""
+    path = out / "report.json" if out.is_dir() else out
+    if not path.is_file():
+        _fail(f"no report.json in '{out}': give the --out folder of a growc grow run")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        _fail(f"'{path}' is not valid JSON ({exc})")
+    table = Table(title=f"growth run {out}", title_justify="left")
+    for column in ("step", "params", "train loss", "val loss", "val acc", "widths", "grown"):
+        table.add_column(column)
+    for s in data.get("steps", []):
+        acc = f"{s['val_accuracy']:.2%}" if s.get("val_accuracy") is not None else "-"
+        grown = ", ".join(f"{g['site']}+{g['neurons']}" for g in s.get("grown", []) if g["neurons"]) or "-"
+        table.add_row(
+            str(s["step"]),
+            f"{s['params']:,}",
+            f"{s['train_loss']:.4f}",
+            f"{s['val_loss']:.4f}",
+            acc,
+            json.dumps(s["widths"]),
+            grown,
+        )
+    console.print(table)
+    if data.get("stop_reason"):
+        console.print(f"stopped: {data['stop_reason']}")
+
+
+def main() -> None:
+    try:
+        app()
+    except GrowcError as exc:  # anything that escaped a command
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Settings of one growth run, shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class GrowthConfig:
+    steps: int = 30  # at most this many growth steps (each after `epochs` epochs of training)
+    # One epoch between steps grows while the gradient still carries signal that generalizes;
+    # longer gaps let a tiny network memorize, and the significance test then (rightly) stops.
+    epochs: int = 1  # training epochs between growth steps
+    final_epochs: int | None = 20  # training after the last growth step (None: `epochs`)
+    batch_size: int = 64
+    optimizer: str = "adam"  # "adam" or "sgd"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    max_params: int | None = None  # never grow past this many parameters
+    strategy: str = "tiny"  # how new neurons are chosen: "tiny", "random", "gradmax"
+    stat_samples: int = 4096  # samples of the last epoch whose moments drive a growth step
+    folds: int = 4  # folds of those samples for the significance test
+    significance_z: float = 2.0  # held-out gain must exceed z standard errors
+    patience: int = 3  # stop after this many steps in a row with no significant gain anywhere
+    line_search_samples: int = 1024  # training samples the amplitude search evaluates on
+    max_new_per_site: int | None = None  # per step; default: the site's current width, at least 4
+    update_existing: bool = True  # also apply the best update of the consumers' weights
+    seed: int = 0
+    device: str = "cpu"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def new_neuron_cap(self, width: int) -> int:
+        if self.max_new_per_site is not None:
+            return self.max_new_per_site
+        return max(4, width)

@@ -1,0 +1,205 @@
+"""One growth step: measure every site, decide where and how much to grow, apply it safely."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from growc.graph.candidates import WidthSite
+from growc.graph.handlers import handler_for
+from growc.graph.rewrite import SiteGrowth, carry_optimizer_state
+from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_search
+from growc.growth.config import GrowthConfig
+from growc.growth.report import SiteGrowthRecord
+from growc.growth.train import LossFn, batch_loss
+from growc.tiny.significance import significant_neuron_count
+from growc.tiny.site_solution import SiteSolution, neurons_raw_gain, solve_site
+from growc.tiny.statistics import MomentAccumulator, SiteMoments
+from growc.tiny.strategies import Strategy
+
+
+@dataclass
+class SiteAssessment:
+    site: WidthSite
+    moments: SiteMoments
+    solution: SiteSolution
+    significant: int
+    cost: int  # parameters per added neuron
+    preactivation_rms: float  # RMS pre-activation of the site's existing units
+    column_rms: float  # RMS norm of the consumers' existing input columns
+
+    def value(self, k: int) -> float:
+        """First-order loss decrease per parameter of the k-th neuron (0-based): the ranking key."""
+        return self.site.slope_at_zero * float(self.solution.neurons.lambdas[k]) ** 2 / self.cost
+
+
+def assess_sites(
+    model: nn.Module, sites: list[WidthSite], accumulators: dict[str, MomentAccumulator], config: GrowthConfig
+) -> list[SiteAssessment]:
+    out = []
+    for site in sites:
+        acc = accumulators[site.name]
+        if acc.samples == 0:
+            continue
+        cap = config.new_neuron_cap(site.width(model))
+        moments = acc.total()
+        solution = solve_site(moments, max_neurons=cap)
+        significance = significant_neuron_count(acc, cap, config.significance_z)
+        out.append(
+            SiteAssessment(
+                site=site,
+                moments=moments,
+                solution=solution,
+                significant=min(significance.significant, solution.neurons.count),
+                cost=site.params_per_neuron(model),
+                preactivation_rms=_rms_preactivation(model, site, moments),
+                column_rms=_rms_column_norm([model.get_submodule(c) for c in site.consumers]),
+            )
+        )
+    return out
+
+
+def allocate(assessments: list[SiteAssessment], budget: int | None) -> dict[str, int]:
+    """Greedy by gain per parameter across all sites: several sites can grow in one step, and the
+    parameter budget goes where each parameter buys the most first-order loss decrease."""
+    items = [(a.value(k), a) for a in assessments for k in range(a.significant)]
+    items.sort(key=lambda item: -item[0])
+    counts: dict[str, int] = {}
+    spent = 0
+    for _, a in items:
+        if budget is not None and spent + a.cost > budget:
+            continue
+        counts[a.site.name] = counts.get(a.site.name, 0) + 1
+        spent += a.cost
+    return counts
+
+
+def _rms_preactivation(model: nn.Module, site: WidthSite, moments: SiteMoments) -> float:
+    producer = model.get_submodule(site.producer)
+    w = handler_for(producer).weight_matrix(producer).to(torch.float64).cpu()
+    if w.shape[0] == 0:
+        return 1.0
+    energy = ((w @ moments.s_prev.cpu()) * w).sum(1).mean()
+    return float(energy.clamp_min(0).sqrt()) or 1.0
+
+
+def _rms_column_norm(consumers: list[nn.Module]) -> float:
+    total, columns = 0.0, 0
+    for c in consumers:
+        h = handler_for(c)
+        w = h.weight_matrix(c)[:, : h.in_size(c)]
+        total += float((w.double() ** 2).sum())
+        columns = max(columns, w.shape[1])
+    return math.sqrt(total / columns) if columns and total > 0 else 1.0
+
+
+@dataclass
+class LineSearchBatch:
+    inputs: list[Tensor]
+    target: Tensor
+    loss_fn: LossFn
+
+    def loss(self, model: nn.Module) -> float:
+        return batch_loss(model, self.inputs, self.target, self.loss_fn)
+
+
+@torch.no_grad()
+def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBatch) -> tuple[float, float]:
+    """Line search on the size of the consumers' best update; returns (fraction, predicted gain)."""
+    consumers = [model.get_submodule(c) for c in a.site.consumers]
+    originals = [handler_for(c).weight_matrix(c).clone() for c in consumers]
+    units = []
+    for c, w, u in zip(consumers, originals, a.solution.updates):
+        norm = float(u.delta.norm())
+        unit = torch.zeros_like(w)
+        if norm > 0:
+            # A consumer may have gained outputs earlier in this step: they get no update.
+            rows = u.delta.shape[0]
+            unit[:rows] = u.delta.to(w) * (float(w[:rows].norm()) / norm)
+        units.append(unit)
+
+    def set_fraction(f: float) -> None:
+        for c, w, unit in zip(consumers, originals, units):
+            h = handler_for(c)
+            h.add_to_weight_matrix(c, w + f * unit - h.weight_matrix(c))
+
+    def loss_at(f: float) -> float:
+        set_fraction(f)
+        return batch.loss(model)
+
+    best, _, _ = line_search(loss_at, UPDATE_FRACTIONS)
+    set_fraction(best)
+    predicted = 0.0
+    for w, u in zip(originals, a.solution.updates):
+        norm = float(u.delta.norm())
+        if norm > 0:
+            predicted += best * float(w.norm()) / norm * u.first_order_gain
+    return best, predicted
+
+
+def grow_site(
+    model: nn.Module,
+    a: SiteAssessment,
+    count: int,
+    strategy: Strategy,
+    optimizers: list[torch.optim.Optimizer],
+    batch: LineSearchBatch,
+    config: GrowthConfig,
+    generator: torch.Generator,
+) -> SiteGrowthRecord:
+    """Apply the best update and `count` new neurons at one site, each with its amplitude chosen
+    by a line search on the real loss. Neurons whose best amplitude is 0 are not added."""
+    loss_before = batch.loss(model)
+    fraction, predicted = (0.0, 0.0)
+    if config.update_existing:
+        fraction, predicted = _apply_best_update(model, a, batch)
+
+    neurons = strategy.propose(a.solution, a.moments, count, generator)
+    r_pre, w_ref = a.preactivation_rms, a.column_rms
+    lambda_1 = float(neurons.lambdas[0]) if neurons.count and float(neurons.lambdas[0]) > 0 else 1.0
+    # Scaled so that at gamma = 1 a new neuron looks like a typical existing one: its pre-activation
+    # has the site's RMS and its outgoing column the consumers' RMS column norm.
+    alpha = neurons.alpha * r_pre
+    omega = neurons.omega * (w_ref / lambda_1)
+    device_dtype = next(model.parameters()).dtype
+    rows = [u.delta.shape[0] for u in a.solution.updates]
+    growth = SiteGrowth(model, a.site, alpha.to(device_dtype), omega.to(device_dtype), rows)
+
+    if getattr(strategy, "function_preserving", False):
+        gamma = 1.0
+        growth.set_amplitude(gamma)
+    else:
+
+        def loss_at(g: float) -> float:
+            growth.set_amplitude(g)
+            return batch.loss(model)
+
+        gamma, _, _ = line_search(loss_at, NEURON_AMPLITUDES)
+    added = neurons.count
+    if gamma == 0.0:
+        growth.undo()
+        added = 0
+    else:
+        growth.set_amplitude(gamma)
+        carry_optimizer_state(optimizers, growth.swaps)
+        raw = float(neurons_raw_gain(a.moments, neurons.alpha, neurons.omega).sum())
+        predicted += a.site.slope_at_zero * gamma**2 * r_pre * w_ref / lambda_1 * raw
+    return SiteGrowthRecord(
+        site=a.site.name,
+        neurons=added,
+        predicted_gain=predicted,
+        observed_gain=loss_before - batch.loss(model),
+        gamma=gamma,
+        update_fraction=fraction,
+        significant=a.significant,
+    )
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

@@ -1,0 +1,79 @@
+"""Ordinary training and evaluation over `(*inputs, target)` batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def split_batch(batch, device: torch.device) -> tuple[list[Tensor], Tensor]:
+    *inputs, target = batch
+    return [x.to(device) for x in inputs], target.to(device)
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer '{name}': choose adam or sgd")
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    after_backward: Callable[[int, int], None] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
+    """One pass over `loader`; returns the mean training loss. `after_backward(batch_index,
+    batch_size)` runs between backward and the optimizer step (statistics are read there)."""
+    model.train()
+    total, count = 0.0, 0
+    for index, batch in enumerate(loader):
+        inputs, target = split_batch(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(*inputs), target)
+        loss.backward()
+        if after_backward is not None:
+            after_backward(index, target.shape[0])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * target.shape[0]
+        count += target.shape[0]
+    return total / max(count, 1)
+
+
+def is_classification(output: Tensor, target: Tensor) -> bool:
+    return output.dim() == 2 and target.dim() == 1 and not target.is_floating_point()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFn, device: torch.device) -> tuple[float, float | None]:
+    """Mean loss and accuracy (None when the task is not classification)."""
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    classification = True
+    for batch in loader:
+        inputs, target = split_batch(batch, device)
+        output = model(*inputs)
+        total += float(loss_fn(output, target)) * target.shape[0]
+        count += target.shape[0]
+        if is_classification(output, target):
+            correct += int((output.argmax(1) == target).sum())
+        else:
+            classification = False
+    return total / max(count, 1), (correct / max(count, 1) if classification else None)
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, inputs: list[Tensor], target: Tensor, loss_fn: LossFn) -> float:
+    model.eval()
+    return float(loss_fn(model(*inputs), target))

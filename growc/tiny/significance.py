@@ -1,0 +1,51 @@
+"""How many of a site's proposed neurons are signal rather than fitted noise.
+
+Cross-fitting over the folds of the statistics: for each fold, the neurons are solved on the
+other folds and their alignment with the held-out fold's desired update is measured: a neuron
+that only fits noise has alignment 0 on average. Neuron k is kept when its held-out alignment is
+positive with a margin of `z` standard errors across folds; the first neuron that fails ends the
+count. Only the direction is tested: the amplitude is left to the line search on the real loss,
+so a direction that helps at some size is not rejected because its least-squares size overfits. Gains and their spread scale together when the loss or the inputs
+are rescaled, so the decision is scale-free: there is no absolute threshold anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from growc.tiny.site_solution import solve_site
+from growc.tiny.solver import neuron_alignment, projected_desired_update
+from growc.tiny.statistics import MomentAccumulator
+
+
+@dataclass(frozen=True)
+class SignificanceResult:
+    significant: int  # number of leading neurons that pass
+    mean_gain: list[float]  # held-out alignment per neuron index, averaged over folds
+    std_error: list[float]
+
+
+def significant_neuron_count(acc: MomentAccumulator, max_neurons: int, z: float = 2.0) -> SignificanceResult:
+    folds = acc.usable_folds()
+    if len(folds) < 2 or max_neurons <= 0:
+        return SignificanceResult(0, [], [])
+    gains = torch.full((len(folds), max_neurons), float("nan"), dtype=torch.float64)
+    for row, f in enumerate(folds):
+        train = solve_site(acc.without_fold(f), max_neurons)
+        held = acc.fold(f)
+        n_held = torch.cat(
+            [projected_desired_update(c.p, c.c, u) for c, u in zip(held.consumers, train.updates)],
+            dim=1,
+        )
+        k = train.neurons.count
+        if k:
+            gains[row, :k] = neuron_alignment(train.neurons.alpha, train.neurons.omega, n_held)
+    # A neuron index a fold could not propose counts as zero gain there.
+    gains = torch.nan_to_num(gains, nan=0.0)
+    mean = gains.mean(0)
+    std_error = gains.std(0, unbiased=True) / len(folds) ** 0.5
+    passed = (mean > z * std_error) & (mean > 0)
+    count = int(passed.long().cumprod(0).sum())
+    return SignificanceResult(count, mean.tolist(), std_error.tolist())

@@ -1,0 +1,63 @@
+"""Everything the method says about one site, from its moments: the TINY proposal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from growc.tiny.solver import (
+    BestUpdate,
+    Neurons,
+    best_neurons,
+    best_update,
+    bottleneck,
+    projected_desired_update,
+    raw_first_order_gain,
+)
+from growc.tiny.statistics import SiteMoments
+
+
+@dataclass(frozen=True)
+class SiteSolution:
+    updates: tuple[BestUpdate, ...]  # best move of each consumer's existing weights
+    neurons: Neurons  # best new neurons, omega stacked over consumers' outputs
+    n_matrix: Tensor  # N = E[b' v_perp^T], consumers stacked
+    bottleneck: float  # E|v_perp|^2, summed over consumers
+    gradient_energy: float  # E|g|^2, summed over consumers
+    samples: int
+
+    @property
+    def relative_bottleneck(self) -> float:
+        return self.bottleneck / self.gradient_energy if self.gradient_energy > 0 else 0.0
+
+    def consumer_slices(self) -> list[slice]:
+        """Rows of `omega` that belong to each consumer."""
+        out, start = [], 0
+        for u in self.updates:
+            out.append(slice(start, start + u.delta.shape[0]))
+            start += u.delta.shape[0]
+        return out
+
+
+def solve_site(moments: SiteMoments, max_neurons: int | None = None) -> SiteSolution:
+    updates = tuple(best_update(c.s, c.m) for c in moments.consumers)
+    n_matrix = torch.cat([projected_desired_update(c.p, c.c, u) for c, u in zip(moments.consumers, updates)], dim=1)
+    return SiteSolution(
+        updates=updates,
+        neurons=best_neurons(moments.s_prev, n_matrix, max_neurons),
+        n_matrix=n_matrix,
+        bottleneck=sum(bottleneck(c.g_sq, u) for c, u in zip(moments.consumers, updates)),
+        gradient_energy=sum(c.g_sq for c in moments.consumers),
+        samples=moments.n,
+    )
+
+
+def stacked_p(moments: SiteMoments) -> Tensor:
+    return torch.cat([c.p.to(torch.float64) for c in moments.consumers], dim=1)
+
+
+def neurons_raw_gain(moments: SiteMoments, alpha: Tensor, omega: Tensor) -> Tensor:
+    """Per-neuron first-order loss decrease of adding the neurons alone (slope at 0 excluded)."""
+    return raw_first_order_gain(alpha, omega, stacked_p(moments))

@@ -1,0 +1,156 @@
+"""The TINY solver: best update, expressivity bottleneck and best new neurons.
+
+Pure tensors in, pure tensors out; nothing here knows about graphs or modules.
+All solves run in float64 whatever the statistics' dtype (they are small matrices),
+and never return NaN: singular second moments are handled by a pseudo-inverse whose
+eigenvalue floor is relative to the largest eigenvalue, after a diagonal (Jacobi)
+rescaling, so that rescaling any input coordinate leaves the answer unchanged.
+
+Notation (see docs/method.md):
+  b   consumer input (bias 1 appended),   g  per-sample gradient at the consumer output
+  b'  producer input (bias 1 appended)
+  S  = E[b b^T]   M = E[b g^T]   S' = E[b' b'^T]   P = E[b' g^T]   C = E[b' b^T]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Eigenvalues below this fraction of the largest one are treated as zero.
+RELATIVE_EIGEN_FLOOR = 1e-7
+
+
+def _f64(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float64)
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """`W` such that `W b'` has identity second moment on the span of the data.
+
+    `matrix` is (r, d): r is the numerical rank of S'. `W^T W` is a pseudo-inverse of S'.
+    """
+
+    matrix: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.matrix.shape[0]
+
+
+def whitening(second_moment: Tensor, floor: float = RELATIVE_EIGEN_FLOOR) -> Whitening:
+    """Inverse square root of a PSD second moment, restricted to its numerical range."""
+    s = _f64(second_moment)
+    s = 0.5 * (s + s.T)
+    diag = torch.diagonal(s).clamp_min(0.0)
+    # Jacobi rescaling: coordinates of any scale are treated alike; all-zero ones are dropped.
+    scale = torch.where(diag > 0, diag.rsqrt(), torch.zeros_like(diag))
+    s_tilde = scale[:, None] * s * scale[None, :]
+    eigenvalues, eigenvectors = torch.linalg.eigh(s_tilde)
+    top = eigenvalues.max().clamp_min(0.0)
+    keep = eigenvalues > floor * top if top > 0 else torch.zeros_like(eigenvalues, dtype=torch.bool)
+    vals, vecs = eigenvalues[keep], eigenvectors[:, keep]
+    matrix = (vecs / vals.sqrt()).T * scale[None, :]
+    return Whitening(matrix=matrix)
+
+
+def pseudo_inverse(second_moment: Tensor, floor: float = RELATIVE_EIGEN_FLOOR) -> Tensor:
+    w = whitening(second_moment, floor).matrix
+    return w.T @ w
+
+
+@dataclass(frozen=True)
+class BestUpdate:
+    """Least-squares move of a consumer's weights towards the desired update `-g`."""
+
+    delta: Tensor  # (out, in): dW* = -M^T S^+
+    first_order_gain: float  # tr(M^T S^+ M): decrease of E|v|^2, and d/d eps of -L at dW*
+
+
+def best_update(s: Tensor, m: Tensor) -> BestUpdate:
+    s_pinv_m = pseudo_inverse(s) @ _f64(m)
+    gain = float((_f64(m) * s_pinv_m).sum())
+    return BestUpdate(delta=-s_pinv_m.T, first_order_gain=max(gain, 0.0))
+
+
+@dataclass(frozen=True)
+class Neurons:
+    """Best K new neurons for a site, in decreasing order of gain.
+
+    Scale convention: `alpha[:, k]` gives the new unit a pre-activation of unit mean square on
+    the statistics batch, `omega[:, k] = lambda_k v_k`. With this split the linear part of the
+    new neurons, `omega alpha^T b'`, is the least-squares fit of `v_perp`, and neuron k reduces
+    E|v_perp|^2 by exactly `lambda_k^2`. Any other split `(c alpha, omega / c)` is equivalent.
+    """
+
+    alpha: Tensor  # (in', K)
+    omega: Tensor  # (out, K)
+    lambdas: Tensor  # (K,)
+
+    @property
+    def count(self) -> int:
+        return self.lambdas.numel()
+
+    def take(self, k: int) -> Neurons:
+        return Neurons(self.alpha[:, :k], self.omega[:, :k], self.lambdas[:k])
+
+
+def projected_desired_update(p: Tensor, c: Tensor, update: BestUpdate) -> Tensor:
+    """N = E[b' v_perp^T] with v_perp = -g - dW* b, from moments only: N = -P - C dW*^T."""
+    return -_f64(p) - _f64(c) @ update.delta.T
+
+
+def best_neurons(s_prev: Tensor, n: Tensor, max_neurons: int | None = None) -> Neurons:
+    """SVD of S'^(-1/2) N: the neurons that best fit v_perp from the producer's input b'."""
+    w = whitening(s_prev)
+    z = w.matrix @ _f64(n)  # (r, out)
+    if z.numel() == 0:
+        empty = torch.zeros(s_prev.shape[0], 0, dtype=torch.float64)
+        return Neurons(empty, torch.zeros(n.shape[1], 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+    u, sigma, vh = torch.linalg.svd(z, full_matrices=False)
+    # Singular values are only meaningful down to the numerics of the solve.
+    keep = sigma > sigma.max() * 1e-9 if sigma.numel() else sigma > 0
+    k = int(keep.sum())
+    if max_neurons is not None:
+        k = min(k, max_neurons)
+    alpha = w.matrix.T @ u[:, :k]
+    omega = vh[:k].T * sigma[:k]
+    return Neurons(alpha=alpha, omega=omega, lambdas=sigma[:k])
+
+
+def bottleneck(g_sq: float, update: BestUpdate) -> float:
+    """E|v_perp|^2 = E|g|^2 - tr(M^T S^+ M): what no move of the consumer's weights can do."""
+    return max(g_sq - update.first_order_gain, 0.0)
+
+
+def neuron_fit_gain(alpha: Tensor, omega: Tensor, s_prev: Tensor, n: Tensor) -> Tensor:
+    """Per-neuron decrease of E|v_perp - omega_k alpha_k^T b'|^2 under given moments.
+
+    `2 omega_k^T N^T alpha_k - |omega_k|^2 alpha_k^T S' alpha_k`.
+    """
+    a, o = _f64(alpha), _f64(omega)
+    cross = ((_f64(n).T @ a) * o).sum(0)
+    energy = (o * o).sum(0) * ((_f64(s_prev) @ a) * a).sum(0)
+    return 2 * cross - energy
+
+
+def neuron_alignment(alpha: Tensor, omega: Tensor, n: Tensor) -> Tensor:
+    """Per-neuron `E<v_perp, omega_k alpha_k^T b'>` = `omega_k^T N^T alpha_k` under given moments.
+
+    Positive when the neuron's direction helps; at its best amplitude a neuron then reduces the
+    bottleneck by alignment^2 / energy. Measured on held-out moments it tests a direction for
+    signal, leaving its size to the amplitude search.
+    """
+    return ((_f64(n).T @ _f64(alpha)) * _f64(omega)).sum(0)
+
+
+def raw_first_order_gain(alpha: Tensor, omega: Tensor, p: Tensor) -> Tensor:
+    """Per-neuron first-order decrease of the loss from adding `omega alpha^T b'` alone.
+
+    `omega_k^T E[-g b'^T] alpha_k` (times the activation's slope at 0, applied by the caller).
+    It uses the raw gradient, not v_perp: this is what adding the neurons without dW* does.
+    """
+    return -((_f64(p).T @ _f64(alpha)) * _f64(omega)).sum(0)

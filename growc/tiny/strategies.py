@@ -1,0 +1,83 @@
+"""Where new neurons come from, given a site's statistics: one small object per strategy.
+
+Every strategy returns neurons in the solver's scale convention (`alpha` gives unit mean-square
+pre-activations, `omega` carries the magnitude), so the growth loop scales and line-searches them
+the same way whatever their origin, and comparisons between strategies are fair.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from growc.tiny.site_solution import SiteSolution, stacked_p
+from growc.tiny.solver import Neurons, whitening
+from growc.tiny.statistics import SiteMoments
+
+
+class Strategy(Protocol):
+    name: str
+
+    def propose(self, solution: SiteSolution, moments: SiteMoments, k: int, generator: torch.Generator) -> Neurons:
+        """k neurons for the site."""
+        ...
+
+
+class TinyStrategy:
+    """The TINY neurons: the best least-squares fit of the expressivity bottleneck."""
+
+    name = "tiny"
+
+    def propose(self, solution: SiteSolution, moments: SiteMoments, k: int, generator: torch.Generator) -> Neurons:
+        return solution.neurons.take(k)
+
+
+def _unit_preactivation(alpha: torch.Tensor, s_prev: torch.Tensor) -> torch.Tensor:
+    energy = ((s_prev.to(alpha) @ alpha) * alpha).sum(0).clamp_min(1e-300)
+    return alpha / energy.sqrt()
+
+
+class RandomStrategy:
+    """Random directions with the same count and magnitudes as TINY's: the control group."""
+
+    name = "random"
+
+    def propose(self, solution: SiteSolution, moments: SiteMoments, k: int, generator: torch.Generator) -> Neurons:
+        ref = solution.neurons.take(k)
+        k = ref.count
+        d_in, d_out = moments.s_prev.shape[0], solution.n_matrix.shape[1]
+        alpha = torch.randn(d_in, k, generator=generator, dtype=torch.float64)
+        alpha = _unit_preactivation(alpha, moments.s_prev)
+        omega = torch.randn(d_out, k, generator=generator, dtype=torch.float64)
+        omega = omega / omega.norm(dim=0).clamp_min(1e-300) * ref.lambdas
+        return Neurons(alpha=alpha, omega=omega, lambdas=ref.lambdas)
+
+
+class GradMaxStrategy:
+    """GradMax-style neurons: outgoing weights along the directions of largest gradient
+    correlation E[b' g^T], incoming weights small (1e-3 of unit scale) rather than zero, so
+    that they are not dead under ReLU: the function barely changes and training takes over."""
+
+    name = "gradmax"
+    function_preserving = True  # accepted as proposed: the amplitude search would see no change
+
+    def propose(self, solution: SiteSolution, moments: SiteMoments, k: int, generator: torch.Generator) -> Neurons:
+        ref = solution.neurons.take(k)
+        k = ref.count
+        p = stacked_p(moments)
+        w = whitening(moments.s_prev).matrix
+        u, sigma, vh = torch.linalg.svd(w @ p, full_matrices=False)
+        k = min(k, sigma.numel())
+        alpha = 1e-3 * (w.T @ u[:, :k])
+        omega = -vh[:k].T * ref.lambdas[:k]
+        return Neurons(alpha=alpha, omega=omega, lambdas=ref.lambdas[:k])
+
+
+STRATEGIES: dict[str, type] = {s.name: s for s in (TinyStrategy, RandomStrategy, GradMaxStrategy)}
+
+
+def make_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{name}': choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]()
