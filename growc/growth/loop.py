@@ -58,6 +58,45 @@ def _line_search_batch(loader: Iterable, samples: int, device: torch.device, los
     return LineSearchBatch(inputs, target, loss_fn)
 
 
+def _train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    config: GrowthConfig,
+    observer: Observer,
+    step: int,
+    epoch: int,
+    epochs: int,
+    collector: StatisticsCollector | None,
+    seconds: dict[str, float],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+) -> float:
+    """One training epoch; with a collector, its last batches also feed the growth statistics."""
+    batches = len(loader) if hasattr(loader, "__len__") else 0
+    # Statistics come from the last batches before the growth step: the freshest weights.
+    first_stat_batch = max(0, batches - math.ceil(config.stat_samples / config.batch_size))
+    observer.epoch_start(step, epoch, epochs, batches)
+
+    def after_backward(index: int, size: int) -> None:
+        if collector is not None and index >= first_stat_batch:
+            start = time.perf_counter()
+            collector.accumulate(size)
+            seconds["statistics"] += time.perf_counter() - start
+        observer.batch_end()
+
+    start = time.perf_counter()
+    if collector is not None:
+        with collector:
+            loss = train_epoch(model, loader, loss_fn, optimizer, device, after_backward, scheduler)
+    else:
+        loss = train_epoch(model, loader, loss_fn, optimizer, device, after_backward, scheduler)
+    seconds["train"] += time.perf_counter() - start
+    observer.epoch_end(step, epoch, loss)
+    return loss
+
+
 def widths(model: nn.Module, sites: list[WidthSite]) -> dict[str, int]:
     return {s.name: s.width(model) for s in sites}
 
@@ -112,27 +151,22 @@ def grow(
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(train_loader))
         train_loss = math.nan
         for epoch in range(epochs):
-            batches = len(train_loader) if hasattr(train_loader, "__len__") else 0
-            # Statistics come from the last batches before the growth step: the freshest weights.
-            first_stat_batch = max(0, batches - math.ceil(config.stat_samples / config.batch_size))
             collecting = not final and epoch == epochs - 1
-            observer.epoch_start(step, epoch, epochs, batches)
-
-            def after_backward(index: int, size: int) -> None:
-                if collecting and index >= first_stat_batch:
-                    start = time.perf_counter()
-                    collector.accumulate(size)
-                    seconds["statistics"] += time.perf_counter() - start
-                observer.batch_end()
-
-            start = time.perf_counter()
-            if collecting:
-                with collector:
-                    train_loss = train_epoch(model, train_loader, loss_fn, optimizer, device, after_backward)
-            else:
-                train_loss = train_epoch(model, train_loader, loss_fn, optimizer, device, after_backward, scheduler)
-            seconds["train"] += time.perf_counter() - start
-            observer.epoch_end(step, epoch, train_loss)
+            train_loss = _train_one_epoch(
+                model,
+                train_loader,
+                loss_fn,
+                optimizer,
+                device,
+                config,
+                observer,
+                step,
+                epoch,
+                epochs,
+                collector if collecting else None,
+                seconds,
+                scheduler,
+            )
         seconds["train"] -= seconds["statistics"]
         if not math.isfinite(train_loss) and epochs:
             raise GrowcError(f"the training loss became {train_loss} at step {step}: lower the learning rate (--lr)")

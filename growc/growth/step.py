@@ -113,7 +113,7 @@ def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBat
     consumers = [model.get_submodule(c) for c in a.site.consumers]
     originals = [handler_for(c).weight_matrix(c).clone() for c in consumers]
     units = []
-    for c, w, u in zip(consumers, originals, a.solution.updates):
+    for w, u in zip(originals, a.solution.updates):
         norm = float(u.delta.norm())
         unit = torch.zeros_like(w)
         if norm > 0:
