@@ -36,6 +36,21 @@ def _first_inputs(loader, limit: int) -> list[torch.Tensor]:
     return [torch.cat([p[i] for p in parts])[:limit] for i in range(len(parts[0]))]
 
 
+def _check_settings(config: GrowthConfig) -> None:
+    """Settings named by a string, checked before any work so a typo is one sentence."""
+    from growc.errors import GrowcError
+    from growc.tiny.strategies import STRATEGIES
+
+    if config.optimizer not in ("adam", "sgd"):
+        raise GrowcError(f"unknown optimizer '{config.optimizer}': choose adam or sgd")
+    if config.strategy not in STRATEGIES:
+        raise GrowcError(f"unknown strategy '{config.strategy}': choose one of {', '.join(STRATEGIES)}")
+    try:
+        torch.device(config.device)
+    except RuntimeError:
+        raise GrowcError(f"unknown device '{config.device}': use cpu, cuda or cuda:N") from None
+
+
 def grow_file(
     model_file: str | Path,
     data: str = "digits",
@@ -50,6 +65,7 @@ def grow_file(
     model_file = Path(model_file)
     out = Path(out) if out is not None else Path("exported_models") / model_file.stem
     config = GrowthConfig(**settings)
+    _check_settings(config)
     torch.manual_seed(config.seed)  # the model file builds the model: its initialization is seeded too
     user = load_user_file(model_file)
     train, val = load_user_data(user) if user.data is not None else load_builtin(data, config.seed)

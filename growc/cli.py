@@ -235,6 +235,64 @@ def report(out: Annotated[Path, typer.Argument(help="a growth run's output folde
         console.print(f"stopped: {data['stop_reason']}")
 
 
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a growc checkpoint (.safetensors written by growc)")],
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default: <checkpoint folder>/deploy)")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
+    int8: Annotated[str, typer.Option(help="int8 file too: none, dynamic (no calibration) or static (QDQ)")] = "none",
+    int8_tolerance: Annotated[
+        float, typer.Option(help="largest accuracy loss of the int8 file, in accuracy points")
+    ] = 0.5,
+    data: Annotated[
+        str, typer.Option(help="validation/calibration data: digits, mnist:PATH, cifar10:PATH, mnist1d")
+    ] = "digits",
+    preprocessing: Annotated[
+        Optional[str], typer.Option(help="how inputs are prepared, for the model card (default: the data set's)")
+    ] = None,
+) -> None:
+    """Freeze CHECKPOINT's model for inference; write ONNX (+ int8), model cards and a standalone model.py."""
+    from growc.deploy.pipeline import export_checkpoint
+
+    try:
+        result = export_checkpoint(
+            checkpoint,
+            out=out,
+            opset=opset,
+            int8=int8,
+            int8_tolerance=int8_tolerance,
+            data=data,
+            preprocessing=preprocessing,
+        )
+    except GrowcError as exc:
+        _fail(str(exc))
+
+    def pct(value: float | None) -> str:
+        return f"{value:.2%}" if value is not None else "n/a"
+
+    console.print(
+        f"[bold green]done[/]: {result.params_before:,} -> {result.params_after:,} parameters after freezing, "
+        f"fp32 acc {pct(result.fp32_accuracy)}"
+    )
+    files = [result.onnx.path, *result.cards] + ([result.int8.path] if result.int8 else [])
+    if result.standalone is not None:
+        files.append(result.standalone.parent)
+    table = Table(title="latency (median ms)", title_justify="left")
+    for column in ("file", "batch", "onnxruntime", "torch eager"):
+        table.add_column(column, justify="right" if column != "file" else "left")
+    for name, rows in (("model.onnx", result.latency), ("model.int8.onnx", result.int8_latency)):
+        for r in rows:
+            table.add_row(name, str(r.batch), f"{r.onnxruntime_ms:.3f}", f"{r.torch_ms:.3f}")
+    console.print(table)
+    if result.int8 is not None:
+        q = result.int8
+        console.print(
+            f"int8 ({q.mode}): {q.int8_bytes:,} bytes vs {q.fp32_bytes:,} fp32 ({q.size_ratio:.2f}x smaller), "
+            f"acc {pct(q.int8_accuracy)} vs {pct(q.fp32_accuracy)}"
+        )
+    console.print("wrote " + ", ".join(str(f) for f in files))
+
+
 def main() -> None:
     try:
         app()

@@ -114,9 +114,15 @@ def load_builtin(spec: str, seed: int = 0) -> Split:
 
 def as_loader(data, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     """A DataLoader over `data` (a Dataset, or a DataLoader returned as it is)."""
+    if not isinstance(data, (Dataset, DataLoader)) and not hasattr(data, "__getitem__"):
+        raise GrowcError(f"data must be a Dataset or a DataLoader, got {type(data).__name__}")
+    try:
+        empty = len(data) == 0
+    except TypeError:  # an iterable data set has no length
+        empty = False
+    if empty:
+        raise GrowcError("a data set is empty: give at least one sample for training and for validation")
     if isinstance(data, DataLoader):
         return data
-    if not isinstance(data, Dataset) and not hasattr(data, "__getitem__"):
-        raise GrowcError(f"data must be a Dataset or a DataLoader, got {type(data).__name__}")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None)

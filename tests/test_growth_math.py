@@ -10,7 +10,7 @@ from torch import nn
 from growc.data import digits
 from growc.graph.candidates import find_width_sites
 from growc.graph.handlers import handler_for
-from growc.graph.rewrite import SiteGrowth, carry_optimizer_state
+from growc.graph.rewrite import NewUnits, SiteGrowth, carry_optimizer_state
 from growc.graph.trace import trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
@@ -29,6 +29,12 @@ def _data(seed: int = 0, n: int = 2000, dtype=torch.float64):
     x = torch.randn(n, 8, generator=g, dtype=dtype)
     y = (x[:, :5] * x[:, 3:]).argmax(1)  # needs more than a linear read-out
     return x, y
+
+
+def _grow(model, site, alpha, omega) -> SiteGrowth:
+    """Add neurons given in the solver's layout: alpha (in + 1 for the bias, K), omega (out, K)."""
+    units = NewUnits(rows=alpha[:-1].T, bias=alpha[-1], omega=omega, omega_rows=[omega.shape[0]])
+    return SiteGrowth(model, site, units)
 
 
 def _collect(model, sites, x, y, folds=1):
@@ -54,7 +60,7 @@ def test_growth_with_amplitude_zero_leaves_outputs_unchanged():
         width = site.width(model)
         alpha = torch.randn(site.modules(model)[0].in_features + 1, 3)
         omega = torch.randn(sum(c.out_features for c in site.modules(model)[1]), 3)
-        growth = SiteGrowth(model, site, alpha, omega)
+        growth = _grow(model, site, alpha, omega)
         growth.set_amplitude(0.0)
         assert site.width(model) == width + 3
         # Equal up to float32 rounding (the wider matmul may sum in another order).
@@ -91,7 +97,7 @@ def test_new_neurons_first_order_gain_matches_the_observed_decrease():
             neurons = solve_site(moments).neurons
             predicted = site.slope_at_zero * float(neurons_raw_gain(moments, neurons.alpha, neurons.omega).sum())
             base = _loss(model, x, y)
-            growth = SiteGrowth(model, site, neurons.alpha, neurons.omega)
+            growth = _grow(model, site, neurons.alpha, neurons.omega)
             gamma = 1e-3
             growth.set_amplitude(gamma)
             observed = (base - _loss(model, x, y)) / gamma**2
@@ -143,9 +149,9 @@ def test_optimizer_state_survives_growth():
     site = find_width_sites(trace(model)).sites[0]
     producer = model.get_submodule(site.producer)
     old_state = {k: v.clone() for k, v in optimizer.state[producer.weight].items()}
-    growth = SiteGrowth(model, site, torch.randn(9, 2), torch.randn(3, 2))
+    growth = _grow(model, site, torch.randn(9, 2), torch.randn(3, 2))
     growth.set_amplitude(0.1)
-    carry_optimizer_state([optimizer], growth.swaps)
+    carry_optimizer_state([optimizer], growth.parameter_swaps)
     state = optimizer.state[producer.weight]
     assert state["exp_avg"].shape == producer.weight.shape
     torch.testing.assert_close(state["exp_avg"][:4], old_state["exp_avg"])

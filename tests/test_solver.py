@@ -1,5 +1,6 @@
 """The solver against closed forms and torch.linalg.lstsq, on random small problems."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +14,14 @@ from growc.tiny.solver import (
     whitening,
 )
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These checks are about the math, so they run in float64; the default is restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _problem(seed: int, n: int, d_prev: int, d: int, out: int):

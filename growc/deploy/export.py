@@ -73,6 +73,11 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {first}. Try another --opset") from None
+    # The exporter falls back to its own opset when it cannot convert to the one asked for.
+    written = {o.domain: o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import}.get("")
+    if written is not None and written != opset:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"torch.onnx.export cannot write opset {opset} (it wrote {written}): use --opset {written}")
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])

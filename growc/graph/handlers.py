@@ -2,7 +2,7 @@
 
 Supporting a new layer type means adding one handler here. Widening keeps the module object and
 swaps its Parameters (so user references and the traced graph stay valid); every swap is returned
-as a `ParameterSwap` so the caller can carry optimizer state over or undo it.
+as a `TensorSwap` so the caller can carry optimizer state over or undo it.
 """
 
 from __future__ import annotations
@@ -11,17 +11,24 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 @dataclass
-class ParameterSwap:
+class TensorSwap:
+    """One Parameter (or buffer) of a module replaced by a larger one along `dim`."""
+
     module: nn.Module
     attr: str
-    old: nn.Parameter
-    new: nn.Parameter
+    old: Tensor
+    new: Tensor
     dim: int  # the dimension that grew
     old_size: int
+
+    @property
+    def is_parameter(self) -> bool:
+        return isinstance(self.new, nn.Parameter)
 
     def new_slice(self) -> tuple[slice, ...]:
         index = [slice(None)] * self.new.dim()
@@ -29,19 +36,27 @@ class ParameterSwap:
         return tuple(index)
 
     def undo(self) -> None:
-        setattr(self.module, self.attr, self.old)
+        if self.is_parameter:
+            setattr(self.module, self.attr, self.old)
+        else:
+            self.module.register_buffer(self.attr, self.old)
 
 
-def _extend(module: nn.Module, attr: str, extra: Tensor, dim: int) -> ParameterSwap:
+def extend(module: nn.Module, attr: str, extra: Tensor, dim: int) -> TensorSwap:
+    """Append `extra` to `module.attr` along `dim`, as a new Parameter (or buffer)."""
     old = getattr(module, attr)
     data = torch.cat([old.detach(), extra.to(dtype=old.dtype, device=old.device)], dim=dim)
-    new = nn.Parameter(data, requires_grad=old.requires_grad)
-    setattr(module, attr, new)
-    return ParameterSwap(module, attr, old, new, dim, old.shape[dim])
+    if isinstance(old, nn.Parameter):
+        new: Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
+        setattr(module, attr, new)
+    else:
+        new = data
+        module.register_buffer(attr, new)
+    return TensorSwap(module, attr, old, new, dim, old.shape[dim])
 
 
 class LayerHandler(ABC):
-    """Interface: a layer `a = W b` whose inputs and outputs can grow."""
+    """A layer `a = W b` whose inputs and outputs can grow; `b` is its input, unfolded for convs."""
 
     @abstractmethod
     def in_size(self, layer: nn.Module) -> int: ...
@@ -53,34 +68,54 @@ class LayerHandler(ABC):
         return getattr(layer, "bias", None) is not None
 
     @abstractmethod
-    def input_samples(self, layer: nn.Module, x: Tensor) -> Tensor:
-        """The layer's input as rows `b` (bias 1 appended when the layer has a bias)."""
-        ...
+    def input_rows(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """The layer's input as rows `b` (n, in_flat), one per output sample (no bias column)."""
 
     @abstractmethod
-    def output_samples(self, layer: nn.Module, g: Tensor) -> Tensor:
-        """A tensor shaped like the layer's output, as rows matching `input_samples`."""
-        ...
+    def output_rows(self, layer: nn.Module, g: Tensor) -> Tensor:
+        """A tensor shaped like the layer's output, as rows (n, out) matching `input_rows`."""
 
     @abstractmethod
-    def grow_out(self, layer: nn.Module, weight_rows: Tensor, bias: Tensor | None) -> list[ParameterSwap]: ...
+    def grow_out(self, layer: nn.Module, rows: Tensor, bias: Tensor | None) -> list[TensorSwap]:
+        """Append outputs: `rows` (K, in_flat) of weights and their biases."""
 
     @abstractmethod
-    def grow_in(self, layer: nn.Module, weight_cols: Tensor) -> list[ParameterSwap]: ...
+    def grow_in(self, layer: nn.Module, block: Tensor) -> list[TensorSwap]:
+        """Append inputs: `block` shaped like the weight's new slice (see `input_block`)."""
+
+    @abstractmethod
+    def input_block(self, layer: nn.Module, omega: Tensor, spatial: int) -> Tensor:
+        """The weight slice for K new inputs whose outgoing weights are `omega` (out, K).
+
+        `spatial` > 1 for a linear layer that reads a flattened feature map: each new channel is
+        `spatial` features, all weighted by omega / spatial (the channel enters through its mean).
+        """
 
     @abstractmethod
     def weight_matrix(self, layer: nn.Module) -> Tensor:
-        """`W` as (out, in [+1 for bias]), the matrix that `input_samples` rows multiply."""
-        ...
+        """`W` as (out, in_flat [+1 for the bias]), the matrix that `input_rows` multiply."""
+
+    def add_to_weight_matrix(self, layer: nn.Module, delta: Tensor) -> None:
+        with torch.no_grad():
+            delta = delta.to(layer.weight)
+            flat = layer.weight.shape[0], -1
+            layer.weight.view(flat).add_(delta[:, : self.in_size(layer) * self.taps(layer)])
+            if layer.bias is not None:
+                layer.bias.add_(delta[:, -1])
+
+    def taps(self, layer: nn.Module) -> int:
+        """Weights per input unit and output unit (kernel positions for a conv)."""
+        return 1
 
     @abstractmethod
-    def add_to_weight_matrix(self, layer: nn.Module, delta: Tensor) -> None: ...
+    def sync_sizes(self, layer: nn.Module) -> None:
+        """Keep the layer's size attributes equal to its weight's shape after a swap or undo."""
 
     def params_per_output(self, layer: nn.Module) -> int:
-        return self.in_size(layer) + int(self.has_bias(layer))
+        return self.in_size(layer) * self.taps(layer) + int(self.has_bias(layer))
 
-    def params_per_input(self, layer: nn.Module) -> int:
-        return self.out_size(layer)
+    def params_per_input(self, layer: nn.Module, spatial: int = 1) -> int:
+        return self.out_size(layer) * self.taps(layer) * spatial
 
 
 class LinearHandler(LayerHandler):
@@ -90,46 +125,151 @@ class LinearHandler(LayerHandler):
     def out_size(self, layer: nn.Linear) -> int:
         return layer.out_features
 
-    def input_samples(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if layer.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
+    def input_rows(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1])
 
-    def output_samples(self, layer: nn.Linear, g: Tensor) -> Tensor:
+    def output_rows(self, layer: nn.Linear, g: Tensor) -> Tensor:
         return g.reshape(-1, g.shape[-1])
 
-    def grow_out(self, layer: nn.Linear, weight_rows: Tensor, bias: Tensor | None) -> list[ParameterSwap]:
-        swaps = [_extend(layer, "weight", weight_rows, 0)]
+    def grow_out(self, layer: nn.Linear, rows: Tensor, bias: Tensor | None) -> list[TensorSwap]:
+        swaps = [extend(layer, "weight", rows, 0)]
         if layer.bias is not None:
-            extra = bias if bias is not None else weight_rows.new_zeros(weight_rows.shape[0])
-            swaps.append(_extend(layer, "bias", extra, 0))
-        layer.out_features = layer.weight.shape[0]
+            swaps.append(extend(layer, "bias", bias if bias is not None else rows.new_zeros(rows.shape[0]), 0))
+        self.sync_sizes(layer)
         return swaps
 
-    def grow_in(self, layer: nn.Linear, weight_cols: Tensor) -> list[ParameterSwap]:
-        swaps = [_extend(layer, "weight", weight_cols, 1)]
-        layer.in_features = layer.weight.shape[1]
+    def grow_in(self, layer: nn.Linear, block: Tensor) -> list[TensorSwap]:
+        swaps = [extend(layer, "weight", block, 1)]
+        self.sync_sizes(layer)
         return swaps
+
+    def input_block(self, layer: nn.Linear, omega: Tensor, spatial: int) -> Tensor:
+        return omega.repeat_interleave(spatial, dim=1) / spatial
 
     def weight_matrix(self, layer: nn.Linear) -> Tensor:
         w = layer.weight.detach()
+        return torch.cat([w, layer.bias.detach()[:, None]], dim=1) if layer.bias is not None else w
+
+    def sync_sizes(self, layer: nn.Linear) -> None:
+        layer.out_features, layer.in_features = layer.weight.shape
+
+
+class Conv2dHandler(LayerHandler):
+    """Conv2d with groups = 1 and zero padding; samples are unfolded patches, one per position.
+
+    A new input channel of a conv consumer gets its outgoing weights at one kernel tap (the
+    centre, `centre_tap`) and zeros elsewhere: then the consumer's output at q reads the new
+    channel at exactly one producer position, and the TINY solution for it is exact. Training
+    fills in the other taps afterwards.
+    """
+
+    def in_size(self, layer: nn.Conv2d) -> int:
+        return layer.in_channels
+
+    def out_size(self, layer: nn.Conv2d) -> int:
+        return layer.out_channels
+
+    def taps(self, layer: nn.Conv2d) -> int:
+        return layer.kernel_size[0] * layer.kernel_size[1]
+
+    def patches(self, layer: nn.Conv2d, x: Tensor) -> Tensor:
+        """(B, C_in*kh*kw, H_out, W_out): the input patch read at each output position."""
+        out_h, out_w = conv_output_size(layer, x.shape[-2:])
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        return cols.view(x.shape[0], cols.shape[1], out_h, out_w)
+
+    def input_rows(self, layer: nn.Conv2d, x: Tensor) -> Tensor:
+        p = self.patches(layer, x)
+        return p.permute(0, 2, 3, 1).reshape(-1, p.shape[1])
+
+    def output_rows(self, layer: nn.Conv2d, g: Tensor) -> Tensor:
+        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+
+    def grow_out(self, layer: nn.Conv2d, rows: Tensor, bias: Tensor | None) -> list[TensorSwap]:
+        k = rows.shape[0]
+        swaps = [extend(layer, "weight", rows.reshape(k, *layer.weight.shape[1:]), 0)]
         if layer.bias is not None:
-            w = torch.cat([w, layer.bias.detach()[:, None]], dim=1)
-        return w
+            swaps.append(extend(layer, "bias", bias if bias is not None else rows.new_zeros(k), 0))
+        self.sync_sizes(layer)
+        return swaps
 
-    @torch.no_grad()
-    def add_to_weight_matrix(self, layer: nn.Linear, delta: Tensor) -> None:
-        delta = delta.to(layer.weight)
-        layer.weight.add_(delta[:, : layer.in_features])
-        if layer.bias is not None:
-            layer.bias.add_(delta[:, layer.in_features])
+    def grow_in(self, layer: nn.Conv2d, block: Tensor) -> list[TensorSwap]:
+        swaps = [extend(layer, "weight", block, 1)]
+        self.sync_sizes(layer)
+        return swaps
+
+    def input_block(self, layer: nn.Conv2d, omega: Tensor, spatial: int) -> Tensor:
+        kh, kw = layer.kernel_size
+        block = omega.new_zeros(omega.shape[0], omega.shape[1], kh, kw)
+        th, tw = centre_tap(layer)
+        block[:, :, th, tw] = omega
+        return block
+
+    def weight_matrix(self, layer: nn.Conv2d) -> Tensor:
+        w = layer.weight.detach().reshape(layer.out_channels, -1)
+        return torch.cat([w, layer.bias.detach()[:, None]], dim=1) if layer.bias is not None else w
+
+    def sync_sizes(self, layer: nn.Conv2d) -> None:
+        layer.out_channels, layer.in_channels = layer.weight.shape[:2]
 
 
-_HANDLERS: dict[type, LayerHandler] = {nn.Linear: LinearHandler()}
+def conv_output_size(layer: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
+    out = []
+    for i in range(2):
+        span = layer.dilation[i] * (layer.kernel_size[i] - 1) + 1
+        out.append((size[i] + 2 * layer.padding[i] - span) // layer.stride[i] + 1)
+    return out[0], out[1]
+
+
+def centre_tap(layer: nn.Conv2d) -> tuple[int, int]:
+    return (layer.kernel_size[0] - 1) // 2, (layer.kernel_size[1] - 1) // 2
+
+
+def is_plain_conv(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+_HANDLERS: dict[type, LayerHandler] = {nn.Linear: LinearHandler(), nn.Conv2d: Conv2dHandler()}
 
 
 def handler_for(module: nn.Module | None) -> LayerHandler | None:
     if module is None:
         return None
+    if isinstance(module, nn.Conv2d) and not is_plain_conv(module):
+        return None
     return _HANDLERS.get(type(module))
+
+
+class BatchNormHandler:
+    """BatchNorm tied to a site: grows with it, one entry per new channel."""
+
+    def grow(self, bn: nn.modules.batchnorm._BatchNorm, count: int, mean: Tensor, var: Tensor) -> list[TensorSwap]:
+        ref = bn.running_mean if bn.running_mean is not None else bn.weight
+        swaps = []
+        if bn.affine:
+            swaps.append(extend(bn, "weight", ref.new_zeros(count), 0))
+            swaps.append(extend(bn, "bias", ref.new_zeros(count), 0))
+        if bn.track_running_stats and bn.running_mean is not None:
+            swaps.append(extend(bn, "running_mean", mean, 0))
+            swaps.append(extend(bn, "running_var", var, 0))
+        self.sync_sizes(bn)
+        return swaps
+
+    def sync_sizes(self, bn: nn.Module) -> None:
+        source = bn.weight if bn.weight is not None else bn.running_mean
+        bn.num_features = source.shape[0]
+
+
+BATCHNORM = BatchNormHandler()
+
+
+def sync_sizes(module: nn.Module) -> None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        BATCHNORM.sync_sizes(module)
+    elif (h := _HANDLERS.get(type(module))) is not None:
+        h.sync_sizes(module)

@@ -3,71 +3,108 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
-from growc.graph.handlers import ParameterSwap, handler_for
+from growc.graph.handlers import BATCHNORM, TensorSwap, handler_for, sync_sizes
+
+
+@dataclass
+class NewUnits:
+    """K new units of a site, in the layers' own terms.
+
+    `rows` (K, in_flat) and `bias` (K) are the producer's new weights; `omega` (sum of consumer
+    outputs, K) their outgoing weights, `omega_rows[i]` of them for consumer i (its output count
+    when solved). Behind a BatchNorm, the unit's amplitude is the BatchNorm's new weight
+    `norm_weight`, whose running statistics start at `norm_mean`/`norm_var` (the new channels'
+    actual statistics), and the producer rows are not scaled.
+    """
+
+    rows: Tensor
+    bias: Tensor | None
+    omega: Tensor
+    omega_rows: list[int]
+    norm_weight: Tensor | None = None
+    norm_mean: Tensor | None = None
+    norm_var: Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.rows.shape[0]
 
 
 class SiteGrowth:
-    """K new neurons added to a site, whose amplitude can still be set or the whole undone.
+    """New units added to a site, whose amplitude can still be set, or the whole undone.
 
-    `alpha` is (in' [+1 bias], K): the producer's new rows; `omega` is (sum of consumers' outputs,
-    K): the consumers' new columns, stacked in the site's consumer order, `omega_rows[i]` rows for
-    consumer i (its output count when omega was solved; default: its current output count). The neurons enter as
-    `(gamma alpha, gamma omega)`; at gamma = 0 the model computes exactly what it did before.
+    The units enter scaled by `gamma` on both sides (the producer's rows, or the BatchNorm's
+    weight, and the consumers' columns): at gamma = 0 the model computes exactly what it did
+    before, in train and in eval mode.
     """
 
-    def __init__(
-        self, root: nn.Module, site: WidthSite, alpha: Tensor, omega: Tensor, omega_rows: list[int] | None = None
-    ) -> None:
+    def __init__(self, root: nn.Module, site: WidthSite, units: NewUnits) -> None:
         self.site = site
-        self.count = alpha.shape[1]
+        self.count = k = units.count
         producer, consumers = site.modules(root)
         p_handler = handler_for(producer)
-        k = self.count
-        # Other sites may have grown in the same step since alpha and omega were solved: the
-        # producer may have new inputs and a consumer new outputs. They connect with zeros.
-        has_bias = p_handler.has_bias(producer)
-        solved_in = alpha.shape[0] - int(has_bias)
-        rows = alpha.new_zeros(p_handler.in_size(producer), k)
-        rows[:solved_in] = alpha[:solved_in]
-        self._targets = [rows.T]
-        if has_bias:
-            self._targets.append(alpha[solved_in])
-        self.swaps: list[ParameterSwap] = p_handler.grow_out(
-            producer, rows.T.new_zeros(rows.T.shape), alpha.new_zeros(k) if has_bias else None
-        )
+        spatial = site.spatial_size(root)  # before the producer grows: it divides by the width
+        # Other sites may have grown in the same step since the units were solved: the producer
+        # may have new inputs and a consumer new outputs. Those connect with zeros.
+        flat_in = p_handler.in_size(producer) * p_handler.taps(producer)
+        rows = units.rows.new_zeros(k, flat_in)
+        rows[:, : units.rows.shape[1]] = units.rows
+        bias = units.bias if units.bias is not None else units.rows.new_zeros(k)
+        behind_norm = site.norm is not None
+        self.swaps: list[TensorSwap] = []
+        self._targets: list[tuple[TensorSwap, Tensor, bool]] = []  # (swap, value, scaled by gamma)
+
+        swaps = p_handler.grow_out(producer, rows.new_zeros(rows.shape), rows.new_zeros(k))
+        self._add(swaps[0], rows, scaled=not behind_norm)
+        if len(swaps) > 1:
+            self._add(swaps[1], bias, scaled=not behind_norm)
+        if behind_norm:
+            norm = root.get_submodule(site.norm)
+            mean = units.norm_mean if units.norm_mean is not None else rows.new_zeros(k)
+            var = units.norm_var if units.norm_var is not None else rows.new_ones(k)
+            for swap in BATCHNORM.grow(norm, k, mean, var):
+                if swap.attr == "weight":
+                    weight = units.norm_weight if units.norm_weight is not None else rows.new_ones(k)
+                    self._add(swap, weight, scaled=True)
+                else:
+                    self.swaps.append(swap)  # bias stays 0; running stats are set once
         start = 0
-        for i, consumer in enumerate(consumers):
+        for consumer, solved in zip(consumers, units.omega_rows):
             c_handler = handler_for(consumer)
-            solved_out = omega_rows[i] if omega_rows is not None else c_handler.out_size(consumer)
-            cols = omega.new_zeros(c_handler.out_size(consumer), k)
-            cols[:solved_out] = omega[start : start + solved_out]
-            start += solved_out
-            self.swaps += c_handler.grow_in(consumer, cols.new_zeros(cols.shape))
-            self._targets.append(cols)
+            omega = units.omega.new_zeros(c_handler.out_size(consumer), k)
+            omega[:solved] = units.omega[start : start + solved]
+            start += solved
+            block = c_handler.input_block(consumer, omega, spatial)
+            (swap,) = c_handler.grow_in(consumer, torch.zeros_like(block))
+            self._add(swap, block, scaled=True)
+
+    def _add(self, swap: TensorSwap, value: Tensor, scaled: bool) -> None:
+        self.swaps.append(swap)
+        self._targets.append((swap, value, scaled))
 
     @torch.no_grad()
     def set_amplitude(self, gamma: float) -> None:
-        for swap, target in zip(self.swaps, self._targets):
-            swap.new[swap.new_slice()] = (gamma * target).to(swap.new)
+        for swap, value, scaled in self._targets:
+            target = swap.new[swap.new_slice()]
+            target.copy_((gamma * value if scaled else value).reshape(target.shape))
 
     def undo(self) -> None:
         for swap in reversed(self.swaps):
             swap.undo()
-            _sync_sizes(swap.module)
+            sync_sizes(swap.module)
+
+    @property
+    def parameter_swaps(self) -> list[TensorSwap]:
+        return [s for s in self.swaps if s.is_parameter]
 
 
-def _sync_sizes(module: nn.Module) -> None:
-    """Keep `in_features`/`out_features` equal to the weight's shape after a swap or an undo."""
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-
-
-def carry_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], swaps: list[ParameterSwap]) -> None:
+def carry_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], swaps: list[TensorSwap]) -> None:
     """Point each optimizer at the grown Parameters, keeping the old entries' state.
 
     State tensors shaped like the old Parameter (Adam's moments, momentum buffers) are extended
@@ -75,6 +112,8 @@ def carry_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], swaps: li
     """
     for optimizer in optimizers:
         for swap in swaps:
+            if not swap.is_parameter:
+                continue
             for group in optimizer.param_groups:
                 group["params"] = [swap.new if p is swap.old else p for p in group["params"]]
             state = optimizer.state.pop(swap.old, None)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from growc.graph.candidates import WidthSite
-from growc.graph.handlers import handler_for
+from growc.graph.samples import consumer_rows, producer_rows
 from growc.tiny.statistics import MomentAccumulator
 
 
@@ -25,16 +25,18 @@ class StatisticsCollector:
         self._inputs: dict[str, Tensor] = {}
         self._grads: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
+        self._seen = 0
         self._consumer_names = {c for s in self.sites for c in s.consumers}
         self._names = {s.producer for s in self.sites} | self._consumer_names
 
     @property
     def samples(self) -> int:
-        return min((a.samples for a in self.accumulators.values()), default=0)
+        """Data samples (not rows: a conv site has one row per position) seen so far."""
+        return self._seen
 
     @property
     def full(self) -> bool:
-        return self.max_samples is not None and self.samples >= self.max_samples
+        return self.max_samples is not None and self._seen >= self.max_samples
 
     def __enter__(self) -> StatisticsCollector:
         for name in self._names:
@@ -70,17 +72,11 @@ class StatisticsCollector:
             self._grads.clear()
             return
         for site in self.sites:
-            producer = self.root.get_submodule(site.producer)
             if site.producer not in self._inputs or any(c not in self._grads for c in site.consumers):
                 continue
-            b_prev = handler_for(producer).input_samples(producer, self._inputs[site.producer])
-            pairs = []
-            for c_name in site.consumers:
-                consumer = self.root.get_submodule(c_name)
-                handler = handler_for(consumer)
-                b = handler.input_samples(consumer, self._inputs[c_name])
-                g = handler.output_samples(consumer, self._grads[c_name]) * batch_size
-                pairs.append((b, g))
-            self.accumulators[site.name].update(b_prev, pairs)
+            b_prev = producer_rows(site, self.root, self._inputs[site.producer])
+            pairs = [consumer_rows(self.root, c, self._inputs[c], self._grads[c], batch_size) for c in site.consumers]
+            self.accumulators[site.name].update(b_prev, pairs, batch_size)
+        self._seen += batch_size
         self._inputs.clear()
         self._grads.clear()

@@ -11,14 +11,15 @@ from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
 from growc.graph.handlers import handler_for
-from growc.graph.rewrite import SiteGrowth, carry_optimizer_state
+from growc.graph.rewrite import NewUnits, SiteGrowth, carry_optimizer_state
 from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_search
 from growc.growth.config import GrowthConfig
 from growc.growth.report import SiteGrowthRecord
 from growc.growth.train import LossFn, batch_loss
 from growc.tiny.significance import significant_neuron_count
 from growc.tiny.site_solution import SiteSolution, neurons_raw_gain, solve_site
-from growc.tiny.statistics import MomentAccumulator, SiteMoments
+from growc.tiny.solver import Neurons
+from growc.tiny.statistics import MomentAccumulator, SiteMoments, input_mean, prepare_inputs
 from growc.tiny.strategies import Strategy
 
 
@@ -29,12 +30,15 @@ class SiteAssessment:
     solution: SiteSolution
     significant: int
     cost: int  # parameters per added neuron
-    preactivation_rms: float  # RMS pre-activation of the site's existing units
+    mode: str  # how the producer's input reaches new units (see prepare_inputs)
+    unit_scale: float  # RMS pre-activation of existing units (their BatchNorm weights' RMS behind one)
     column_rms: float  # RMS norm of the consumers' existing input columns
+    input_mean: torch.Tensor  # E[b'], for the running mean of new BatchNorm entries
 
     def value(self, k: int) -> float:
         """First-order loss decrease per parameter of the k-th neuron (0-based): the ranking key."""
-        return self.site.slope_at_zero * float(self.solution.neurons.lambdas[k]) ** 2 / self.cost
+        lam2 = float(self.solution.neurons.lambdas[k]) ** 2 * self.solution.rows_per_sample
+        return self.site.slope_at_zero * lam2 / self.cost
 
 
 def assess_sites(
@@ -46,9 +50,11 @@ def assess_sites(
         if acc.samples == 0:
             continue
         cap = config.new_neuron_cap(site.width(model))
-        moments = acc.total()
+        mode = site.input_mode(model)
+        raw = acc.total()
+        moments = prepare_inputs(raw, mode)
         solution = solve_site(moments, max_neurons=cap)
-        significance = significant_neuron_count(acc, cap, config.significance_z)
+        significance = significant_neuron_count(acc, cap, config.significance_z, mode)
         out.append(
             SiteAssessment(
                 site=site,
@@ -56,8 +62,10 @@ def assess_sites(
                 solution=solution,
                 significant=min(significance.significant, solution.neurons.count),
                 cost=site.params_per_neuron(model),
-                preactivation_rms=_rms_preactivation(model, site, moments),
+                mode=mode,
+                unit_scale=_unit_scale(model, site, moments),
                 column_rms=_rms_column_norm([model.get_submodule(c) for c in site.consumers]),
+                input_mean=input_mean(raw)[0],
             )
         )
     return out
@@ -78,13 +86,51 @@ def allocate(assessments: list[SiteAssessment], budget: int | None) -> dict[str,
     return counts
 
 
-def _rms_preactivation(model: nn.Module, site: WidthSite, moments: SiteMoments) -> float:
+def _unit_scale(model: nn.Module, site: WidthSite, moments: SiteMoments) -> float:
+    """How large an existing unit is where new units will enter: behind a BatchNorm, the RMS of
+    its weights; else the RMS pre-activation of the producer's units on the statistics."""
+    if site.norm is not None:
+        norm = model.get_submodule(site.norm)
+        if norm.weight is None or norm.weight.numel() == 0:
+            return 1.0
+        return float(norm.weight.detach().double().pow(2).mean().sqrt()) or 1.0
     producer = model.get_submodule(site.producer)
     w = handler_for(producer).weight_matrix(producer).to(torch.float64).cpu()
     if w.shape[0] == 0:
         return 1.0
     energy = ((w @ moments.s_prev.cpu()) * w).sum(1).mean()
     return float(energy.clamp_min(0).sqrt()) or 1.0
+
+
+def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[NewUnits, float]:
+    """The neurons in the layers' terms, scaled so that at gamma = 1 a new unit is as large as a
+    typical existing one (pre-activation or BatchNorm weight, and outgoing column norm). Returns
+    the units and the factor from the solver's scale to gamma = 1 (for the predicted gain)."""
+    lambda_1 = float(neurons.lambdas[0]) if neurons.count and float(neurons.lambdas[0]) > 0 else 1.0
+    omega = (neurons.omega * (a.column_rms / lambda_1)).to(dtype)
+    rows_in = [u.delta.shape[0] for u in a.solution.updates]
+    alpha = neurons.alpha
+    if a.mode == "centered":
+        variance = ((a.moments.s_prev @ alpha) * alpha).sum(0)
+        units = NewUnits(
+            rows=alpha.T.to(dtype),
+            bias=None,
+            omega=omega,
+            omega_rows=rows_in,
+            norm_weight=torch.full((neurons.count,), a.unit_scale, dtype=dtype),
+            norm_mean=(a.input_mean.to(alpha) @ alpha).to(dtype),
+            norm_var=variance.clamp_min(1e-12).to(dtype),
+        )
+    elif a.mode == "affine":
+        units = NewUnits(
+            rows=(alpha[:-1].T * a.unit_scale).to(dtype),
+            bias=(alpha[-1] * a.unit_scale).to(dtype),
+            omega=omega,
+            omega_rows=rows_in,
+        )
+    else:
+        units = NewUnits(rows=(alpha.T * a.unit_scale).to(dtype), bias=None, omega=omega, omega_rows=rows_in)
+    return units, a.unit_scale * a.column_rms / lambda_1
 
 
 def _rms_column_norm(consumers: list[nn.Module]) -> float:
@@ -137,7 +183,7 @@ def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBat
     for w, u in zip(originals, a.solution.updates):
         norm = float(u.delta.norm())
         if norm > 0:
-            predicted += best * float(w.norm()) / norm * u.first_order_gain
+            predicted += best * float(w.norm()) / norm * u.first_order_gain * a.solution.rows_per_sample
     return best, predicted
 
 
@@ -159,15 +205,9 @@ def grow_site(
         fraction, predicted = _apply_best_update(model, a, batch)
 
     neurons = strategy.propose(a.solution, a.moments, count, generator)
-    r_pre, w_ref = a.preactivation_rms, a.column_rms
-    lambda_1 = float(neurons.lambdas[0]) if neurons.count and float(neurons.lambdas[0]) > 0 else 1.0
-    # Scaled so that at gamma = 1 a new neuron looks like a typical existing one: its pre-activation
-    # has the site's RMS and its outgoing column the consumers' RMS column norm.
-    alpha = neurons.alpha * r_pre
-    omega = neurons.omega * (w_ref / lambda_1)
-    device_dtype = next(model.parameters()).dtype
-    rows = [u.delta.shape[0] for u in a.solution.updates]
-    growth = SiteGrowth(model, a.site, alpha.to(device_dtype), omega.to(device_dtype), rows)
+    dtype = next(model.parameters()).dtype
+    units, scale = new_units(a, neurons, dtype)
+    growth = SiteGrowth(model, a.site, units)
 
     if getattr(strategy, "function_preserving", False):
         gamma = 1.0
@@ -185,9 +225,9 @@ def grow_site(
         added = 0
     else:
         growth.set_amplitude(gamma)
-        carry_optimizer_state(optimizers, growth.swaps)
+        carry_optimizer_state(optimizers, growth.parameter_swaps)
         raw = float(neurons_raw_gain(a.moments, neurons.alpha, neurons.omega).sum())
-        predicted += a.site.slope_at_zero * gamma**2 * r_pre * w_ref / lambda_1 * raw
+        predicted += a.site.slope_at_zero * gamma**2 * scale * raw
     return SiteGrowthRecord(
         site=a.site.name,
         neurons=added,

@@ -27,14 +27,17 @@ class SignificanceResult:
     std_error: list[float]
 
 
-def significant_neuron_count(acc: MomentAccumulator, max_neurons: int, z: float = 2.0) -> SignificanceResult:
-    folds = acc.usable_folds()
-    if len(folds) < 2 or max_neurons <= 0:
+def significant_neuron_count(
+    acc: MomentAccumulator, max_neurons: int, z: float = 2.0, mode: str = "affine"
+) -> SignificanceResult:
+    """Count the leading neurons whose held-out alignment is significant; `mode` as in
+    `growc.tiny.statistics.prepare_inputs`."""
+    folds = acc.folds_prepared(mode) if len(acc.usable_folds()) >= 2 else []
+    if not folds or max_neurons <= 0:
         return SignificanceResult(0, [], [])
     gains = torch.full((len(folds), max_neurons), float("nan"), dtype=torch.float64)
-    for row, f in enumerate(folds):
-        train = solve_site(acc.without_fold(f), max_neurons)
-        held = acc.fold(f)
+    for row, (rest, held) in enumerate(folds):
+        train = solve_site(rest, max_neurons)
         n_held = torch.cat(
             [projected_desired_update(c.p, c.c, u) for c, u in zip(held.consumers, train.updates)],
             dim=1,

@@ -24,9 +24,10 @@ class SiteSolution:
     updates: tuple[BestUpdate, ...]  # best move of each consumer's existing weights
     neurons: Neurons  # best new neurons, omega stacked over consumers' outputs
     n_matrix: Tensor  # N = E[b' v_perp^T], consumers stacked
-    bottleneck: float  # E|v_perp|^2, summed over consumers
-    gradient_energy: float  # E|g|^2, summed over consumers
+    bottleneck: float  # E|v_perp|^2 per row, summed over consumers
+    gradient_energy: float  # E|g|^2 per row, summed over consumers
     samples: int
+    rows_per_sample: float = 1.0  # multiplies per-row gains into per-sample loss decreases
 
     @property
     def relative_bottleneck(self) -> float:
@@ -51,6 +52,7 @@ def solve_site(moments: SiteMoments, max_neurons: int | None = None) -> SiteSolu
         bottleneck=sum(bottleneck(c.g_sq, u) for c, u in zip(moments.consumers, updates)),
         gradient_energy=sum(c.g_sq for c in moments.consumers),
         samples=moments.n,
+        rows_per_sample=moments.rows_per_sample,
     )
 
 
@@ -59,5 +61,6 @@ def stacked_p(moments: SiteMoments) -> Tensor:
 
 
 def neurons_raw_gain(moments: SiteMoments, alpha: Tensor, omega: Tensor) -> Tensor:
-    """Per-neuron first-order loss decrease of adding the neurons alone (slope at 0 excluded)."""
-    return raw_first_order_gain(alpha, omega, stacked_p(moments))
+    """Per-neuron first-order decrease of the mean loss from adding the neurons alone (slope at 0
+    excluded), per sample: a conv site sums its positions."""
+    return raw_first_order_gain(alpha, omega, stacked_p(moments)) * moments.rows_per_sample

@@ -29,9 +29,48 @@ class ConsumerMoments:
 
 @dataclass(frozen=True)
 class SiteMoments:
-    n: int
+    """Means over rows. A conv site has one row per output position: `rows_per_sample` turns
+    a mean over rows into the per-sample sums that a sample's loss sees."""
+
+    n: int  # rows
     s_prev: Tensor  # E[b' b'^T]  (in', in')
     consumers: tuple[ConsumerMoments, ...]
+    rows_per_sample: float = 1.0
+
+    def with_prev(self, s_prev: Tensor, c: list[Tensor], p: list[Tensor]) -> SiteMoments:
+        consumers = tuple(
+            ConsumerMoments(s=k.s, m=k.m, c=ci, p=pi, g_sq=k.g_sq) for k, ci, pi in zip(self.consumers, c, p)
+        )
+        return SiteMoments(n=self.n, s_prev=s_prev, consumers=consumers, rows_per_sample=self.rows_per_sample)
+
+
+def prepare_inputs(moments: SiteMoments, mode: str) -> SiteMoments:
+    """Adapt the moments to how the producer's input reaches the new units.
+
+    The raw moments always carry a last column of `b'` that is 1 where the new unit exists (0 in a
+    consumer's padding). "affine": kept (the producer has a bias). "linear": dropped. "centered":
+    behind a BatchNorm, which removes each unit's mean: `b'` is centered (its mean over the rows
+    where the unit exists) and the column dropped.
+    """
+    s, cs, ps = moments.s_prev, [k.c for k in moments.consumers], [k.p for k in moments.consumers]
+    if mode == "affine":
+        return moments
+    if mode == "linear":
+        return moments.with_prev(s[:-1, :-1], [c[:-1] for c in cs], [p[:-1] for p in ps])
+    if mode != "centered":
+        raise ValueError(f"unknown input mode {mode}")
+    a, e = s[:-1, -1], s[-1, -1].clamp_min(1e-300)
+    m = a / e
+    s_c = s[:-1, :-1] - torch.outer(a, a) / e
+    return moments.with_prev(
+        s_c, [c[:-1] - torch.outer(m, c[-1]) for c in cs], [p[:-1] - torch.outer(m, p[-1]) for p in ps]
+    )
+
+
+def input_mean(moments: SiteMoments) -> tuple[Tensor, float]:
+    """(E[b'] over the rows where the new unit exists, the fraction of such rows)."""
+    e = float(moments.s_prev[-1, -1])
+    return moments.s_prev[:-1, -1] / max(e, 1e-300), e
 
 
 class _Sums:
@@ -39,10 +78,11 @@ class _Sums:
 
     def __init__(self) -> None:
         self.n = 0
+        self.samples = 0
         self.s_prev: Tensor | None = None
         self.consumers: list[list[Tensor]] = []  # per consumer: [s, m, c, p, g_sq]
 
-    def add(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> None:
+    def add(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: int) -> None:
         bp = b_prev.detach()
         terms = [bp.T @ bp]
         for b, g in pairs:
@@ -58,6 +98,7 @@ class _Sums:
                 for j in range(5):
                     sums[j] += terms[1 + 5 * i + j]
         self.n += bp.shape[0]
+        self.samples += samples
 
 
 def _mean(parts: list[_Sums]) -> SiteMoments:
@@ -65,12 +106,13 @@ def _mean(parts: list[_Sums]) -> SiteMoments:
     if not parts:
         raise ValueError("no statistics were gathered for this site")
     n = sum(p.n for p in parts)
+    samples = sum(p.samples for p in parts)
     s_prev = sum(p.s_prev for p in parts) / n
     consumers = []
     for i in range(len(parts[0].consumers)):
         s, m, c, p, g_sq = (sum(part.consumers[i][j] for part in parts) / n for j in range(5))
         consumers.append(ConsumerMoments(s=s, m=m, c=c, p=p, g_sq=float(g_sq)))
-    return SiteMoments(n=n, s_prev=s_prev, consumers=tuple(consumers))
+    return SiteMoments(n=n, s_prev=s_prev, consumers=tuple(consumers), rows_per_sample=n / max(samples, 1))
 
 
 class MomentAccumulator:
@@ -90,9 +132,10 @@ class MomentAccumulator:
     def fold_count(self) -> int:
         return len(self._folds)
 
-    def update(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        """Add one batch: `b_prev` (n, in'), and per consumer `(b (n, in), g (n, out))`."""
-        self._folds[self._batches % len(self._folds)].add(b_prev, pairs)
+    def update(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: int | None = None) -> None:
+        """Add one batch: `b_prev` (n, in'), and per consumer `(b (n, in), g (n, out))`; the rows
+        come from `samples` data samples (default: one row each)."""
+        self._folds[self._batches % len(self._folds)].add(b_prev, pairs, samples or b_prev.shape[0])
         self._batches += 1
 
     def total(self) -> SiteMoments:
@@ -100,6 +143,13 @@ class MomentAccumulator:
 
     def fold(self, index: int) -> SiteMoments:
         return _mean([self._folds[index]])
+
+    def folds_prepared(self, mode: str) -> list[tuple[SiteMoments, SiteMoments]]:
+        """(moments without fold f, moments of fold f) for each non-empty fold, adapted to `mode`."""
+        return [
+            (prepare_inputs(self.without_fold(f), mode), prepare_inputs(self.fold(f), mode))
+            for f in self.usable_folds()
+        ]
 
     def without_fold(self, index: int) -> SiteMoments:
         return _mean([f for i, f in enumerate(self._folds) if i != index])

@@ -1,0 +1,217 @@
+"""`growc export`: checkpoint -> frozen model -> verified ONNX (+ int8) -> latency -> model cards.
+
+Everything that can reject the input (the checkpoint, the data, the freeze check) runs before
+the first file is written, and every file is written to a temporary name and renamed, so a
+failed export leaves the output folder as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from growc.data import load_builtin
+from growc.deploy.card import opset_of, write_card
+from growc.deploy.export import ExportResult, export_onnx
+from growc.deploy.freeze import check_same_outputs, freeze
+from growc.deploy.latency import Latency, measure_latency
+from growc.deploy.quantize import DEFAULT_TOLERANCE, MODES, QuantizeResult, accuracy, quantize, run_onnx
+from growc.deploy.standalone import generate, write_standalone
+from growc.errors import ExportError, GrowcError
+from growc.growth.checkpoint import load, read_metadata
+
+VAL_SAMPLES = 10_000  # the whole validation split of every built-in data set
+CALIBRATION_SAMPLES = 512
+
+PREPROCESSING = {
+    "digits": "8x8 grayscale digit flattened row by row to 64 float32 values, each pixel (0-16) divided by 16",
+    "mnist": "28x28 grayscale digit flattened row by row to 784 float32 values, each pixel (0-255) divided by 255",
+    "cifar10": (
+        "RGB image as float32 (3, 32, 32), pixels divided by 255, then per channel minus mean "
+        "(0.4914, 0.4822, 0.4465) divided by std (0.2470, 0.2435, 0.2616)"
+    ),
+    "mnist1d": "float32 sequence of 40 values as produced by the mnist1d package",
+}
+
+
+@dataclass
+class DeployResult:
+    out: Path
+    onnx: ExportResult
+    fp32_accuracy: float | None
+    params_before: int
+    params_after: int
+    latency: list[Latency]
+    int8: QuantizeResult | None = None
+    int8_latency: list[Latency] = field(default_factory=list)
+    cards: list[Path] = field(default_factory=list)
+    standalone: Path | None = None
+
+
+def _take(dataset, limit: int) -> tuple[list[Tensor], Tensor | None]:
+    """Up to `limit` samples of a data set as input tensors and labels."""
+    inputs, labels, count = [], [], 0
+    for batch in DataLoader(dataset, batch_size=512, shuffle=False):
+        *xs, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
+        inputs.append(xs)
+        labels.append(y)
+        count += xs[0].shape[0]
+        if count >= limit:
+            break
+    if not inputs:
+        raise GrowcError("the data set is empty: give data with at least one sample")
+    joined = [torch.cat([b[i] for b in inputs])[:limit] for i in range(len(inputs[0]))]
+    label = torch.cat(labels)[:limit] if all(isinstance(y, Tensor) for y in labels) else None
+    return joined, label
+
+
+def _strip_debug_info(path: Path) -> None:
+    """Drop the exporter's per-node stack traces: they hold local paths and a tenth of a small file."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """onnxscript logs a failed opset conversion with a traceback; the opset check below says it in one line."""
+    logger = logging.getLogger("onnxscript")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export(frozen, inputs: list[Tensor], path: Path, opset: int) -> ExportResult:
+    """Export, check and clean the ONNX file in a temporary folder; move it to `path` only when it
+    is good (at the opset asked for: the exporter silently keeps its own when conversion fails)."""
+    with tempfile.TemporaryDirectory(prefix=".growc-export-", dir=path.parent) as work:
+        tmp = Path(work) / path.name
+        with _quiet_exporter():
+            exported = export_onnx(frozen, inputs, tmp, opset=opset, check_inputs=inputs)
+        written = opset_of(tmp)
+        if written != opset:
+            raise ExportError(
+                f"the model cannot be expressed at opset {opset} (the exporter could only write opset "
+                f"{written}): use --opset {written} or another opset your runtime supports"
+            )
+        _strip_debug_info(tmp)
+        os.replace(tmp, path)
+    exported.path = path
+    return exported
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    opset: int = 18,
+    int8: str = "none",
+    int8_tolerance: float = DEFAULT_TOLERANCE,
+    data: str = "digits",
+    preprocessing: str | None = None,
+    latency_repeats: int = 50,
+    standalone: bool = True,
+) -> DeployResult:
+    """Freeze the checkpoint's model and write model.onnx (+ model.int8.onnx), a card beside each,
+    and standalone/model.py + weights.safetensors to `out` (default: <checkpoint folder>/deploy)."""
+    checkpoint = Path(checkpoint)
+    if int8 not in MODES:
+        raise GrowcError(f"unknown --int8 mode '{int8}': choose none, dynamic or static")
+    if int8_tolerance < 0:
+        raise GrowcError(f"--int8-tolerance must be 0 or more accuracy points, got {int8_tolerance:g}")
+    out = Path(out) if out is not None else checkpoint.parent / "deploy"
+    meta = read_metadata(checkpoint)
+    model = load(checkpoint)
+    train, val = load_builtin(data)
+    val_inputs, val_labels = _take(val, VAL_SAMPLES)
+    try:
+        with torch.no_grad():
+            model(*[x[:2] for x in val_inputs])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shapes = ", ".join(str(tuple(x.shape[1:])) for x in val_inputs)
+        raise GrowcError(
+            f"the checkpoint's model does not accept --data {data} samples of shape {shapes} ({first}): "
+            "give the data set it was trained on"
+        ) from None
+    frozen = freeze(model, example_inputs=val_inputs)
+    check_same_outputs(model, frozen, val_inputs)
+    if standalone:
+        generate(frozen)  # raises now, before any file is written, if model.py cannot express it
+
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    exported = _export(frozen, val_inputs, onnx_path, opset)
+    fp32_accuracy = accuracy(run_onnx(onnx_path, val_inputs), val_labels)
+    result = DeployResult(
+        out=out,
+        onnx=exported,
+        fp32_accuracy=fp32_accuracy,
+        params_before=sum(p.numel() for p in model.parameters()),
+        params_after=sum(p.numel() for p in frozen.parameters()),
+        latency=measure_latency(frozen, onnx_path, val_inputs, repeats=latency_repeats),
+    )
+    text = preprocessing or PREPROCESSING.get(data.partition(":")[0], "")
+    growth_report = meta["extra"].get("report")
+    common = {"checkpoint": str(checkpoint), "data": data, "onnx_max_abs_diff": exported.max_abs_diff}
+    result.cards.append(
+        write_card(
+            onnx_path,
+            frozen,
+            val_inputs,
+            text,
+            fp32_accuracy,
+            growth_report,
+            {**common, "weights": "float32", "latency_ms": _latency_json(result.latency)},
+        )
+    )
+    if standalone:
+        result.standalone = write_standalone(frozen, out / "standalone", example_inputs=[x[:64] for x in val_inputs])
+    if int8 != "none":
+        calibration, _ = _take(train, CALIBRATION_SAMPLES)
+        int8_path = out / "model.int8.onnx"
+        result.int8 = quantize(
+            onnx_path, int8_path, int8, val_inputs, val_labels, calibration, tolerance=int8_tolerance
+        )
+        result.int8_latency = measure_latency(frozen, int8_path, val_inputs, repeats=latency_repeats)
+        q = result.int8
+        result.cards.append(
+            write_card(
+                int8_path,
+                frozen,
+                val_inputs,
+                text,
+                q.int8_accuracy,
+                growth_report,
+                {
+                    **common,
+                    "weights": f"int8 ({int8})",
+                    "fp32_accuracy": q.fp32_accuracy,
+                    "fp32_file_bytes": q.fp32_bytes,
+                    "size_ratio": round(q.size_ratio, 3),
+                    "latency_ms": _latency_json(result.int8_latency),
+                },
+            )
+        )
+    return result
+
+
+def _latency_json(latency: list[Latency]) -> dict[str, dict[str, float]]:
+    return {
+        f"batch_{r.batch}": {"onnxruntime": round(r.onnxruntime_ms, 4), "torch_eager": round(r.torch_ms, 4)}
+        for r in latency
+    }
