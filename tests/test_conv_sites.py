@@ -1,0 +1,178 @@
+"""Conv2d and BatchNorm sites: statistics equal the linear ones on unfolded patches, growth at
+amplitude 0 is exact in train and eval mode, first-order predictions match where they are exact."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growc.graph.candidates import find_width_sites
+from growc.graph.rewrite import SiteGrowth
+from growc.graph.trace import trace
+from growc.growth.collector import StatisticsCollector
+from growc.growth.config import GrowthConfig
+from growc.growth.step import assess_sites, new_units
+from growc.tiny.site_solution import neurons_raw_gain
+
+
+def _images(n=300, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 8, 8, generator=g, dtype=dtype)
+    y = (x[:, 0, 2:5, 2:5].sum((1, 2)) * x[:, 1, 4:7, 1:4].sum((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0)
+    return x, y
+
+
+def _collect(model, sites, x, y, folds=1):
+    collector = StatisticsCollector(model, sites, folds=folds)
+    with collector:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        collector.accumulate(x.shape[0])
+    return collector
+
+
+def test_conv_statistics_equal_linear_statistics_on_unfolded_patches():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 4)
+    ).double()
+    x, y = _images()
+    site = next(s for s in find_width_sites(trace(model)).sites if s.producer == "0")
+    moments = _collect(model, [site], x, y).accumulators[site.name].total()
+
+    # The same quantities by hand: unfold, append the ones column, take means over rows.
+    captured = {}
+
+    def keep(module, inputs, output):
+        captured["h"] = inputs[0]
+        output.register_hook(lambda g: captured.update(g=g))
+
+    model[2].register_forward_hook(keep)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    b_prev = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)  # producer patches, position = consumer position
+    b_prev = torch.cat([b_prev, torch.ones(len(b_prev), 1, dtype=x.dtype)], 1)
+    b = F.unfold(captured["h"], 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    b = torch.cat([b, torch.ones(len(b), 1, dtype=x.dtype)], 1)
+    g = captured["g"].permute(0, 2, 3, 1).reshape(-1, 4) * x.shape[0]
+    n = len(b)
+    torch.testing.assert_close(moments.s_prev, b_prev.T @ b_prev / n)
+    (c,) = moments.consumers
+    torch.testing.assert_close(c.s, b.T @ b / n)
+    torch.testing.assert_close(c.m, b.T @ g / n)
+    torch.testing.assert_close(c.p, b_prev.T @ g / n)
+    torch.testing.assert_close(c.c, b_prev.T @ b / n)
+    assert moments.rows_per_sample == 64
+
+
+CASES = {
+    "conv-conv stride 2": lambda act: [
+        nn.Conv2d(2, 3, 3, padding=1),
+        act(),
+        nn.Conv2d(3, 4, 3, padding=1, stride=2),
+        act(),
+        nn.Flatten(),
+        nn.Linear(64, 4),
+    ],
+    "conv-conv dilated, no padding": lambda act: [
+        nn.Conv2d(2, 3, 3),
+        act(),
+        nn.Conv2d(3, 4, 3, dilation=2),
+        act(),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    ],
+    "conv-avgpool-flatten-linear": lambda act: [
+        nn.Conv2d(2, 3, 3, padding=1),
+        act(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(48, 4),
+    ],
+    "conv-global-pool-linear": lambda act: [
+        nn.Conv2d(2, 3, 3, padding=1),
+        act(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 4),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_conv_first_order_gain_matches_the_observed_decrease(case):
+    torch.manual_seed(1)
+    model = nn.Sequential(*CASES[case](nn.Tanh)).double()
+    x, y = _images(seed=1)
+    sites = find_width_sites(trace(model)).sites
+    assert sites and sites[0].producer == "0"
+    collector = _collect(model, sites[:1], x, y)
+    (a,) = assess_sites(model, sites[:1], collector.accumulators, GrowthConfig())
+    neurons = a.solution.neurons.take(2)
+    units, scale = new_units(a, neurons, torch.float64)
+    predicted = a.site.slope_at_zero * scale * float(neurons_raw_gain(a.moments, neurons.alpha, neurons.omega).sum())
+    with torch.no_grad():
+        base = float(F.cross_entropy(model(x), y))
+        growth = SiteGrowth(model, a.site, units)
+        gamma = 1e-3
+        growth.set_amplitude(gamma)
+        observed = (base - float(F.cross_entropy(model(x), y))) / gamma**2
+    assert abs(observed / predicted - 1) < 0.1, (observed, predicted)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm_site_growth_at_amplitude_zero_is_exact(mode):
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, bias=False),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 4),
+    )
+    x, y = _images(dtype=torch.float32)
+    model.train()
+    model(x)  # running statistics move away from their initial values
+    sites = find_width_sites(trace(model)).sites
+    site = next(s for s in sites if s.producer == "0")
+    assert site.norm == "1"
+    (a,) = assess_sites(model, [site], _collect(model, [site], x, y, folds=4).accumulators, GrowthConfig())
+    grown = copy.deepcopy(model).train(mode == "train")
+    model.train(mode == "train")
+    with torch.no_grad():
+        before = model(x)
+        growth = SiteGrowth(grown, a.site, new_units(a, a.solution.neurons.take(2), torch.float32)[0])
+        growth.set_amplitude(0.0)
+        after = grown(x)
+    assert grown[1].num_features == 5 and grown[1].running_mean.shape == (5,)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    # The new entries' running statistics are the new channels' own statistics.
+    if mode == "eval":
+        new_channels = grown[0](x)[:, 3:]
+        torch.testing.assert_close(grown[1].running_mean[3:], new_channels.mean((0, 2, 3)), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(
+            grown[1].running_var[3:], new_channels.var((0, 2, 3), unbiased=False), rtol=1e-2, atol=1e-3
+        )
+
+
+def test_sites_the_finder_must_leave_alone():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 2, 3, padding=1)
+            self.b = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+            self.c = nn.Conv2d(2, 3, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(x + self.a(x))))
+
+    report = find_width_sites(trace(Residual()))
+    skipped = dict(report.skipped)
+    assert "a" in skipped and "combined" in skipped["a"]
+    assert "b" in skipped and "grouped" in skipped["b"]
+    assert not report.sites
