@@ -55,6 +55,7 @@ def export_onnx(
     batch = torch.export.Dim("batch")
     dynamic_shapes = tuple({0: batch} for _ in examples)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)  # its opset fallback logs tracebacks
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from growc.deploy.standalone import max_abs_diff, write_standalone  # write_standalone: the next step
 from growc.errors import GrowcError
 from growc.graph.candidates import find_width_sites
 from growc.graph.trace import trace
@@ -116,28 +117,61 @@ def _fold(layer: nn.Module, bn: nn.Module) -> None:
     layer.bias = nn.Parameter(new_bias.to(dtype), requires_grad=False)
 
 
+def _unit_columns(consumer: nn.Module, units: int, spatial: int) -> Tensor:
+    """The consumer's weights grouped by hidden unit: (units, everything the unit feeds)."""
+    w = consumer.weight.detach()
+    if isinstance(consumer, nn.Linear):  # columns j*spatial .. (j+1)*spatial-1 read unit j
+        return w.reshape(w.shape[0], units, spatial).transpose(0, 1).reshape(units, -1)
+    return w.transpose(0, 1).reshape(units, -1)  # conv: input channel j, every output and tap
+
+
+def _keep_inputs(consumer: nn.Module, keep: Tensor, spatial: int) -> None:
+    w = consumer.weight.detach()
+    if isinstance(consumer, nn.Linear):
+        columns = (keep[:, None] * spatial + torch.arange(spatial)).flatten()
+        consumer.weight = nn.Parameter(w[:, columns].clone(), requires_grad=False)
+        consumer.in_features = len(columns)
+    else:
+        consumer.weight = nn.Parameter(w[:, keep].clone(), requires_grad=False)
+        consumer.in_channels = len(keep)
+
+
+def _keep_outputs(producer: nn.Module, keep: Tensor) -> None:
+    producer.weight = nn.Parameter(producer.weight.detach()[keep].clone(), requires_grad=False)
+    if producer.bias is not None:
+        producer.bias = nn.Parameter(producer.bias.detach()[keep].clone(), requires_grad=False)
+    if isinstance(producer, nn.Linear):
+        producer.out_features = len(keep)
+    else:
+        producer.out_channels = len(keep)
+
+
 def _drop_dead_neurons(gm: fx.GraphModule) -> None:
-    """At a width site the path producer -> consumers is element-wise, so a hidden unit whose
-    columns are zero in every consumer cannot change the output: remove it everywhere."""
+    """Between a site's producer and its consumers every op acts on each unit alone (activation,
+    per-channel pooling, flatten), so a unit whose weights are zero in every consumer cannot change
+    the output: remove its output from the producer and its inputs from the consumers."""
+    layers = (nn.Linear, nn.Conv2d)
     for site in find_width_sites(gm).sites:
         producer, consumers = site.modules(gm)
-        if not isinstance(producer, nn.Linear) or not all(isinstance(c, nn.Linear) for c in consumers):
-            continue  # only Linear sites exist today; a new layer type needs its own slicing here
-        alive = torch.zeros(producer.out_features, dtype=torch.bool)
+        if site.norm or not all(type(m) in layers for m in [producer, *consumers]):
+            continue  # a BatchNorm left in the path (not foldable) would need its entries cut too
+        if isinstance(producer, nn.Conv2d) and producer.groups != 1:
+            continue
+        if any(isinstance(c, nn.Conv2d) and c.groups != 1 for c in consumers):
+            continue
+        units = producer.weight.shape[0]
+        spatial = site.spatial_size(gm)
+        alive = torch.zeros(units, dtype=torch.bool)
         for consumer in consumers:
-            alive |= (consumer.weight.detach() != 0).any(dim=0)
+            alive |= (_unit_columns(consumer, units, spatial) != 0).any(dim=1)
         if bool(alive.all()):
             continue
         if not bool(alive.any()):
             alive[0] = True  # keep one unit: zero-width layers are not portable
         keep = alive.nonzero().flatten()
-        producer.weight = nn.Parameter(producer.weight.detach()[keep].clone(), requires_grad=False)
-        if producer.bias is not None:
-            producer.bias = nn.Parameter(producer.bias.detach()[keep].clone(), requires_grad=False)
-        producer.out_features = len(keep)
+        _keep_outputs(producer, keep)
         for consumer in consumers:
-            consumer.weight = nn.Parameter(consumer.weight.detach()[:, keep].clone(), requires_grad=False)
-            consumer.in_features = len(keep)
+            _keep_inputs(consumer, keep, spatial)
 
 
 def check_same_outputs(original: nn.Module, frozen: nn.Module, inputs: Sequence[Tensor], atol: float = 1e-4) -> float:
@@ -145,7 +179,7 @@ def check_same_outputs(original: nn.Module, frozen: nn.Module, inputs: Sequence[
     original.eval()
     with torch.no_grad():
         a, b = original(*inputs), frozen(*inputs)
-    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    diff = max_abs_diff(a, b)
     if not diff <= atol:
         raise GrowcError(
             f"the frozen model differs from the checkpoint's by {diff:.2e} (> {atol:.0e}): "
@@ -153,8 +187,5 @@ def check_same_outputs(original: nn.Module, frozen: nn.Module, inputs: Sequence[
         )
     return diff
 
-
-# `write_standalone` lives in its own module; it is re-exported here because it is the next step.
-from growc.deploy.standalone import write_standalone  # noqa: E402
 
 __all__ = ["check_same_outputs", "freeze", "write_standalone"]

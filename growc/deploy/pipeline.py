@@ -7,8 +7,6 @@ failed export leaves the output folder as it was.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -19,13 +17,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from growc.data import load_builtin
-from growc.deploy.card import opset_of, write_card
+from growc.deploy.card import write_card
 from growc.deploy.export import ExportResult, export_onnx
 from growc.deploy.freeze import check_same_outputs, freeze
 from growc.deploy.latency import Latency, measure_latency
 from growc.deploy.quantize import DEFAULT_TOLERANCE, MODES, QuantizeResult, accuracy, quantize, run_onnx
 from growc.deploy.standalone import generate, write_standalone
-from growc.errors import ExportError, GrowcError
+from growc.errors import GrowcError
 from growc.growth.checkpoint import load, read_metadata
 
 VAL_SAMPLES = 10_000  # the whole validation split of every built-in data set
@@ -84,31 +82,12 @@ def _strip_debug_info(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-@contextlib.contextmanager
-def _quiet_exporter():
-    """onnxscript logs a failed opset conversion with a traceback; the opset check below says it in one line."""
-    logger = logging.getLogger("onnxscript")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _export(frozen, inputs: list[Tensor], path: Path, opset: int) -> ExportResult:
     """Export, check and clean the ONNX file in a temporary folder; move it to `path` only when it
-    is good (at the opset asked for: the exporter silently keeps its own when conversion fails)."""
+    is good, so a failed export leaves the previous file in place."""
     with tempfile.TemporaryDirectory(prefix=".growc-export-", dir=path.parent) as work:
         tmp = Path(work) / path.name
-        with _quiet_exporter():
-            exported = export_onnx(frozen, inputs, tmp, opset=opset, check_inputs=inputs)
-        written = opset_of(tmp)
-        if written != opset:
-            raise ExportError(
-                f"the model cannot be expressed at opset {opset} (the exporter could only write opset "
-                f"{written}): use --opset {written} or another opset your runtime supports"
-            )
+        exported = export_onnx(frozen, inputs, tmp, opset=opset, check_inputs=inputs)
         _strip_debug_info(tmp)
         os.replace(tmp, path)
     exported.path = path
@@ -210,8 +189,10 @@ def export_checkpoint(
     return result
 
 
-def _latency_json(latency: list[Latency]) -> dict[str, dict[str, float]]:
-    return {
+def _latency_json(latency: list[Latency]) -> dict[str, object]:
+    rows: dict[str, object] = {
         f"batch_{r.batch}": {"onnxruntime": round(r.onnxruntime_ms, 4), "torch_eager": round(r.torch_ms, 4)}
         for r in latency
     }
+    rows["torch_threads"] = torch.get_num_threads()  # onnxruntime: its default, one per core
+    return rows

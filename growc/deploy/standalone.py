@@ -198,6 +198,17 @@ def _get_tensor(gm: fx.GraphModule, path: str) -> Tensor:
     return value
 
 
+def max_abs_diff(a: Any, b: Any) -> float:
+    """The largest |a - b| over two model outputs (tensors, or tuples/lists/dicts of them)."""
+    if isinstance(a, Tensor):
+        return float((a - b).abs().max()) if a.numel() else 0.0
+    if isinstance(a, dict):
+        return max((max_abs_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (tuple, list)):
+        return max((max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    return 0.0 if a == b else float("inf")
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -227,7 +238,7 @@ def write_standalone(
         rebuilt.eval()
         model.eval()
         with torch.no_grad():
-            diff = float((rebuilt(*example_inputs) - model(*example_inputs)).abs().max())
+            diff = max_abs_diff(rebuilt(*example_inputs), model(*example_inputs))
         if not diff <= 1e-5:
             raise ExportError(f"the standalone model.py differs from the model by {diff:.2e}: it was not written")
     folder = Path(folder)
