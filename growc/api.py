@@ -103,7 +103,7 @@ def grow_file(
     )
     from growc.growth.checkpoint import save_checkpoint
 
-    save_checkpoint(out / "model.safetensors", result.graph, {"report": result.report.to_dict(), "step": "final"})
+    save_checkpoint(out / "model.safetensors", result.model, {"report": result.report.to_dict(), "step": "final"})
     result.report.write(out / "report.json")
     result.model.to(device)
     return result

@@ -120,6 +120,7 @@ def grow(
     steps: Annotated[int, typer.Option(min=0, help="maximum number of growth steps")] = 30,
     max_params: Annotated[Optional[int], typer.Option(min=1, help="never grow past this many parameters")] = None,
     strategy: Annotated[str, typer.Option(help="new neurons from: tiny, random, gradmax")] = "tiny",
+    depth: Annotated[bool, typer.Option(help="also consider new residual blocks on the edges into layers")] = False,
     lr: Annotated[float, typer.Option(min=0.0, help="learning rate")] = 3e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,

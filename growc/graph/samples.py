@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
+from growc.graph.depth import BLOCK_KERNEL, DepthSite
 from growc.graph.handlers import Conv2dHandler, centre_tap, conv_output_size, handler_for
 
 _CONV = Conv2dHandler()
@@ -61,6 +62,20 @@ def producer_rows(site: WidthSite, root: nn.Module, x_prev: Tensor) -> Tensor:
     chosen = patches[:, :, index[0]][:, :, :, index[1]] * mask
     rows = chosen.permute(0, 2, 3, 1).reshape(-1, d)
     return _with_ones(rows, mask.expand(batch, out_h, out_w))
+
+
+def depth_rows(site: DepthSite, x: Tensor, grad_x: Tensor, batch_size: int) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """A depth candidate's rows: b' is what the block's input layer would read (3x3 patches of the
+    map, or the vector) and the block's output layer has no inputs yet, so b is empty and its
+    whole desired update is -g at the edge."""
+    if site.conv:
+        patches = F.unfold(x, BLOCK_KERNEL, padding=BLOCK_KERNEL // 2)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        g = grad_x.permute(0, 2, 3, 1).reshape(-1, grad_x.shape[1])
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+        g = grad_x.reshape(-1, grad_x.shape[-1])
+    return _with_ones(rows), [(rows.new_zeros(rows.shape[0], 0), g * batch_size)]
 
 
 def consumer_rows(root: nn.Module, name: str, x: Tensor, g: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:

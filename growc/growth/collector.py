@@ -12,12 +12,13 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from growc.graph.candidates import WidthSite
-from growc.graph.samples import consumer_rows, producer_rows
+from growc.graph.depth import DepthSite
+from growc.graph.samples import consumer_rows, depth_rows, producer_rows
 from growc.tiny.statistics import MomentAccumulator
 
 
 class StatisticsCollector:
-    def __init__(self, root: nn.Module, sites: list[WidthSite], folds: int = 4, max_samples: int | None = None) -> None:
+    def __init__(self, root: nn.Module, sites: list[WidthSite | DepthSite], folds: int = 4, max_samples: int | None = None) -> None:
         self.root = root
         self.sites = list(sites)
         self.max_samples = max_samples
@@ -26,8 +27,12 @@ class StatisticsCollector:
         self._grads: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
         self._seen = 0
-        self._consumer_names = {c for s in self.sites for c in s.consumers}
-        self._names = {s.producer for s in self.sites} | self._consumer_names
+        self._width = [s for s in self.sites if isinstance(s, WidthSite)]
+        self._depth = [s for s in self.sites if isinstance(s, DepthSite)]
+        self._consumer_names = {c for s in self._width for c in s.consumers}
+        self._edge_names = {s.consumer for s in self._depth}  # layers whose input gradient is kept
+        self._names = {s.producer for s in self._width} | self._consumer_names | self._edge_names
+        self._input_grads: dict[str, Tensor] = {}
 
     @property
     def samples(self) -> int:
@@ -50,6 +55,7 @@ class StatisticsCollector:
         self._handles.clear()
         self._inputs.clear()
         self._grads.clear()
+        self._input_grads.clear()
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -58,6 +64,8 @@ class StatisticsCollector:
             self._inputs[name] = inputs[0].detach()
             if name in self._consumer_names:
                 output.register_hook(lambda g: self._grads.__setitem__(name, g.detach()))
+            if name in self._edge_names and inputs[0].requires_grad:
+                inputs[0].register_hook(lambda g: self._input_grads.__setitem__(name, g.detach()))
 
         return hook
 
@@ -70,13 +78,19 @@ class StatisticsCollector:
         if self.full or not self._inputs:
             self._inputs.clear()
             self._grads.clear()
+            self._input_grads.clear()
             return
-        for site in self.sites:
+        for site in self._width:
             if site.producer not in self._inputs or any(c not in self._grads for c in site.consumers):
                 continue
             b_prev = producer_rows(site, self.root, self._inputs[site.producer])
             pairs = [consumer_rows(self.root, c, self._inputs[c], self._grads[c], batch_size) for c in site.consumers]
             self.accumulators[site.name].update(b_prev, pairs, batch_size)
+        for site in self._depth:
+            if site.consumer in self._input_grads:
+                x, g = self._inputs[site.consumer], self._input_grads[site.consumer]
+                self.accumulators[site.name].update(*depth_rows(site, x, g, batch_size), batch_size)
         self._seen += batch_size
         self._inputs.clear()
         self._grads.clear()
+        self._input_grads.clear()

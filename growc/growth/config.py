@@ -25,6 +25,10 @@ class GrowthConfig:
     line_search_samples: int = 1024  # training samples the amplitude search evaluates on
     max_new_per_site: int | None = None  # per step; default: the site's current width, at least 4
     update_existing: bool = True  # also apply the best update of the consumers' weights
+    # Also consider new residual blocks on the edges into layers. Off by default: a block ties its
+    # edge's width to the block (a residual addition), and until coupled growth lands the layer
+    # that writes that edge can no longer widen.
+    depth: bool = False
     seed: int = 0
     device: str = "cpu"
 

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from growc.errors import GrowcError
 from growc.graph.candidates import WidthSite, find_width_sites
+from growc.graph.depth import DepthSite, find_depth_edges
 from growc.graph.trace import parameter_count, trace
 from growc.growth.checkpoint import save_checkpoint
 from growc.growth.collector import StatisticsCollector
@@ -37,8 +38,8 @@ class Observer:
 
 @dataclass
 class GrowthResult:
-    model: nn.Module  # the user's model, grown in place
-    graph: fx.GraphModule  # the traced graph over the same modules
+    model: fx.GraphModule  # the grown model: the traced graph, sharing its layers with the user's
+    user_model: nn.Module  # the user's module, widened in place (new blocks live in `model` only)
     report: GrowthReport
 
 
@@ -97,8 +98,16 @@ def _train_one_epoch(
     return loss
 
 
-def widths(model: nn.Module, sites: list[WidthSite]) -> dict[str, int]:
-    return {s.name: s.width(model) for s in sites}
+def widths(model: nn.Module, sites: list) -> dict[str, int]:
+    """Width of every width site (new blocks included once they exist)."""
+    return {s.name: s.width(model) for s in sites if isinstance(s, WidthSite)}
+
+
+def _all_sites(graph: fx.GraphModule, config: GrowthConfig) -> list:
+    sites: list = list(find_width_sites(graph).sites)
+    if config.depth:
+        sites += find_depth_edges(graph)
+    return sites
 
 
 def grow(
@@ -123,12 +132,15 @@ def grow(
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
 
-    graph = trace(model, leaf_modules, concrete_args)
+    user_model = model
+    # From here on the model is the traced graph: it shares every layer with the user's module
+    # (width growth shows in both) and is the only one that can receive new blocks.
+    model = graph = trace(user_model, leaf_modules, concrete_args)
     candidates = find_width_sites(graph)
-    sites = candidates.sites
+    sites = _all_sites(graph, config)
     if not sites:
         reasons = "; ".join(f"{name}: {why}" for name, why in candidates.skipped) or "no linear layers"
-        raise GrowcError(f"no growth site found in {type(model).__name__} ({reasons})")
+        raise GrowcError(f"no growth site found in {type(user_model).__name__} ({reasons})")
     strategy = make_strategy(config.strategy)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
     search_batch = _line_search_batch(train_loader, config.line_search_samples, device, loss_fn)
@@ -203,13 +215,22 @@ def grow(
         budget = None if config.max_params is None else config.max_params - params
         counts = allocate(assessments, budget)
         start = time.perf_counter()
-        for a in sorted(assessments, key=lambda a: -a.value(0) if a.significant else 0.0):
-            if counts.get(a.site.name, 0) > 0:
-                record.grown.append(
-                    grow_site(model, a, counts[a.site.name], strategy, [optimizer], search_batch, config, generator)
-                )
+        widened: set[str] = set()  # layers whose input dimension grew in this step
+        # Width first, then new blocks; a block on an edge whose width just changed waits a step
+        # (its statistics were taken at the old width).
+        for a in sorted(assessments, key=lambda a: (isinstance(a.site, DepthSite), -a.value(0) if a.significant else 0.0)):
+            if counts.get(a.site.name, 0) == 0:
+                continue
+            if isinstance(a.site, DepthSite) and a.site.consumer in widened:
+                continue
+            grown = grow_site(model, a, counts[a.site.name], strategy, [optimizer], search_batch, config, generator)
+            record.grown.append(grown)
+            if grown.neurons:
+                widened.update(a.site.consumers)
         seconds["line_search"] = time.perf_counter() - start
         record.params_after = parameter_count(model)
+        if any(isinstance(a.site, DepthSite) and g.neurons for a in assessments for g in record.grown if g.site == a.site.name):
+            sites = _all_sites(graph, config)  # a new block: its hidden layer is a site, its output an edge
         observer.step_end(record)
         if checkpoint is not None:
             save_checkpoint(checkpoint, graph, {"report": report.to_dict(), "step": step})
@@ -236,4 +257,4 @@ def grow(
         "final_val_loss": last.val_loss,
         "widths": widths(model, sites),
     }
-    return GrowthResult(model=model, graph=graph, report=report)
+    return GrowthResult(model=graph, user_model=user_model, report=report)

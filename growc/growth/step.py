@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
+from growc.graph.depth import DepthGrowth, DepthSite
 from growc.graph.handlers import handler_for
 from growc.graph.rewrite import NewUnits, SiteGrowth, carry_optimizer_state
 from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_search
@@ -22,10 +23,12 @@ from growc.tiny.solver import Neurons
 from growc.tiny.statistics import MomentAccumulator, SiteMoments, input_mean, prepare_inputs
 from growc.tiny.strategies import Strategy
 
+Site = WidthSite | DepthSite
+
 
 @dataclass
 class SiteAssessment:
-    site: WidthSite
+    site: Site
     moments: SiteMoments
     solution: SiteSolution
     significant: int
@@ -42,7 +45,7 @@ class SiteAssessment:
 
 
 def assess_sites(
-    model: nn.Module, sites: list[WidthSite], accumulators: dict[str, MomentAccumulator], config: GrowthConfig
+    model: nn.Module, sites: list[Site], accumulators: dict[str, MomentAccumulator], config: GrowthConfig
 ) -> list[SiteAssessment]:
     out = []
     for site in sites:
@@ -64,7 +67,7 @@ def assess_sites(
                 cost=site.params_per_neuron(model),
                 mode=mode,
                 unit_scale=_unit_scale(model, site, moments),
-                column_rms=_rms_column_norm([model.get_submodule(c) for c in site.consumers]),
+                column_rms=_column_scale(model, site, moments),
                 input_mean=input_mean(raw)[0],
             )
         )
@@ -86,9 +89,22 @@ def allocate(assessments: list[SiteAssessment], budget: int | None) -> dict[str,
     return counts
 
 
-def _unit_scale(model: nn.Module, site: WidthSite, moments: SiteMoments) -> float:
+def _column_scale(model: nn.Module, site: Site, moments: SiteMoments) -> float:
+    """How large a new unit's outgoing weights are at gamma = 1: the consumers' RMS column norm;
+    for a new block, the RMS of the edge's values, so that the block adds a term as large as its
+    input."""
+    if isinstance(site, DepthSite):
+        rms = float(torch.diagonal(moments.s_prev)[:-1].clamp_min(0).mean().sqrt())
+        return rms or 1.0
+    return _rms_column_norm([model.get_submodule(c) for c in site.consumers])
+
+
+def _unit_scale(model: nn.Module, site: Site, moments: SiteMoments) -> float:
     """How large an existing unit is where new units will enter: behind a BatchNorm, the RMS of
-    its weights; else the RMS pre-activation of the producer's units on the statistics."""
+    its weights; else the RMS pre-activation of the producer's units on the statistics (1 for a
+    new block: unit pre-activations)."""
+    if isinstance(site, DepthSite):
+        return 1.0
     if site.norm is not None:
         norm = model.get_submodule(site.norm)
         if norm.weight is None or norm.weight.numel() == 0:
@@ -200,14 +216,18 @@ def grow_site(
     """Apply the best update and `count` new neurons at one site, each with its amplitude chosen
     by a line search on the real loss. Neurons whose best amplitude is 0 are not added."""
     loss_before = batch.loss(model)
+    depth = isinstance(a.site, DepthSite)
     fraction, predicted = (0.0, 0.0)
-    if config.update_existing:
+    if config.update_existing and not depth:
         fraction, predicted = _apply_best_update(model, a, batch)
 
     neurons = strategy.propose(a.solution, a.moments, count, generator)
     dtype = next(model.parameters()).dtype
     units, scale = new_units(a, neurons, dtype)
-    growth = SiteGrowth(model, a.site, units)
+    if depth:
+        growth = DepthGrowth(model, a.site, units.rows, units.bias, units.omega)
+    else:
+        growth = SiteGrowth(model, a.site, units)
 
     if getattr(strategy, "function_preserving", False):
         gamma = 1.0
@@ -226,6 +246,9 @@ def grow_site(
     else:
         growth.set_amplitude(gamma)
         carry_optimizer_state(optimizers, growth.parameter_swaps)
+        if depth:
+            for optimizer in optimizers:
+                optimizer.add_param_group({**_group_settings(optimizer), "params": growth.new_parameters()})
         raw = float(neurons_raw_gain(a.moments, neurons.alpha, neurons.omega).sum())
         predicted += a.site.slope_at_zero * gamma**2 * scale * raw
     return SiteGrowthRecord(
@@ -237,6 +260,11 @@ def grow_site(
         update_fraction=fraction,
         significant=a.significant,
     )
+
+
+def _group_settings(optimizer: torch.optim.Optimizer) -> dict:
+    """A new block's parameters train with the same settings as the model's first group."""
+    return {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
 
 
 def timed(fn, *args, **kwargs):

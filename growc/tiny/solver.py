@@ -44,6 +44,8 @@ class Whitening:
 def whitening(second_moment: Tensor, floor: float = RELATIVE_EIGEN_FLOOR) -> Whitening:
     """Inverse square root of a PSD second moment, restricted to its numerical range."""
     s = _f64(second_moment)
+    if s.shape[0] == 0:  # a layer with no inputs yet (a new block's output layer)
+        return Whitening(matrix=s.new_zeros(0, 0))
     s = 0.5 * (s + s.T)
     diag = torch.diagonal(s).clamp_min(0.0)
     # Jacobi rescaling: coordinates of any scale are treated alike; all-zero ones are dropped.
