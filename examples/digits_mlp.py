@@ -1,6 +1,6 @@
 """A tiny MLP on scikit-learn's bundled digits: two hidden layers of 2 neurons to start with.
 
-    growc grow examples/digits_mlp.py
+growc grow examples/digits_mlp.py
 """
 
 from torch import nn

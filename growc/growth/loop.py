@@ -148,7 +148,7 @@ def grow(
     initial_params = parameter_count(model)
     observer.run_start(sites, initial_params)
 
-    final = False
+    final = config.steps == 0  # with no growth step asked for, the first phase is the final one
     barren = 0  # consecutive steps where no site had a significant gain
     for step in range(config.steps + 1):
         epochs = (

@@ -1,0 +1,398 @@
+"""The `growc` command end to end: grow the example, check the report, the ONNX file, the
+checkpoint, determinism, and that bad input gets one clear sentence instead of a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import growc
+import growc.api
+from growc.cli import app
+from growc.data import digits
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "digits_mlp.py"
+FAST = ["--steps", "2", "--final-epochs", "1", "--quiet"]
+
+runner = CliRunner()
+
+
+def run_cli(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def flat(text: str) -> str:
+    """Rich wraps long lines at the console width: compare with whitespace collapsed."""
+    return " ".join(text.split())
+
+
+def assert_clean_failure(result, *phrases: str) -> str:
+    """Non-zero exit, no traceback, no escaped exception, one `error:` line naming `phrases`."""
+    output = flat(result.output)
+    assert result.exit_code != 0, output
+    assert "Traceback" not in result.output
+    # CliRunner swallows an uncaught exception (and its traceback): it must not have been one.
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert output.count("error:") == 1, output
+    for phrase in phrases:
+        assert phrase in output, output
+    return output
+
+
+def write(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def val_inputs() -> torch.Tensor:
+    return digits()[1].tensors[0]
+
+
+# --------------------------------------------------------------------------- the full run
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """`growc grow examples/digits_mlp.py --out TMP --quiet` with every default, run once; the
+    in-memory result (the user's grown model) is captured by wrapping the API function."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    captured = {}
+    real = growc.api.grow_file
+
+    def spy(*args, **kwargs):
+        captured["result"] = real(*args, **kwargs)
+        return captured["result"]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(growc.api, "grow_file", spy)
+        result = run_cli("grow", EXAMPLE, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    return out, result, captured["result"]
+
+
+def test_grow_writes_the_three_files(full_run):
+    out, result, _ = full_run
+    for name in ("model.onnx", "model.safetensors", "report.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.tmp*")), "a temporary file was left behind"
+    assert "done" in result.output
+
+
+def test_report_has_every_field(full_run):
+    out, _, _ = full_run
+    report = json.loads((out / "report.json").read_text())
+    steps = report["steps"]
+    assert len(steps) >= 2
+    assert [s["step"] for s in steps] == list(range(len(steps)))
+    for s in steps:
+        for key in ("step", "params", "train_loss", "val_loss", "val_accuracy", "widths", "bottlenecks", "grown"):
+            assert key in s, key
+        assert isinstance(s["params"], int) and s["params"] > 0
+        assert np.isfinite(s["train_loss"]) and np.isfinite(s["val_loss"])
+        assert 0.0 <= s["val_accuracy"] <= 1.0
+        assert set(s["seconds"]) == {"train", "statistics", "solve", "line_search"}
+        assert all(v >= 0.0 for v in s["seconds"].values())
+        for g in s["grown"]:
+            assert g["site"] in s["widths"]
+            assert isinstance(g["neurons"], int) and g["neurons"] >= 0
+            assert np.isfinite(g["predicted_gain"]) and np.isfinite(g["gamma"])
+    # every growth step (all but the final training) assesses every site
+    for s in steps[:-1]:
+        assert set(s["bottlenecks"]) == set(s["widths"]) >= {"fc1", "fc2"}
+        for b in s["bottlenecks"].values():
+            assert {"bottleneck", "relative", "significant"} <= set(b)
+    assert any(g["neurons"] > 0 for s in steps for g in s["grown"])
+
+    final = report["final"]
+    assert final["initial_params"] == steps[0]["params"] == 64 * 2 + 2 + 2 * 2 + 2 + 2 * 10 + 10
+    assert final["final_params"] > final["initial_params"], "the model did not grow"
+    assert final["final_params"] == steps[-1]["params"]
+    assert final["final_val_accuracy"] == steps[-1]["val_accuracy"]
+    assert Path(final["onnx_path"]) == out / "model.onnx"
+    assert 0.0 <= final["onnx_max_abs_diff"] <= 1e-4
+    assert report["stop_reason"]
+
+
+def test_grown_model_reaches_95_percent(full_run):
+    out, _, _ = full_run
+    final = json.loads((out / "report.json").read_text())["final"]
+    assert final["final_val_accuracy"] >= 0.95, final
+
+
+def test_onnx_runs_at_any_batch_size_and_matches_the_checkpoint(full_run):
+    out, _, _ = full_run
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert not isinstance(inp.shape[0], int), f"batch axis is fixed: {inp.shape}"
+    loaded = growc.load(out / "model.safetensors")
+    x = val_inputs()
+    with torch.no_grad():
+        expected = loaded(x).numpy()
+    for batch in (1, 7, len(x)):
+        (got,) = session.run(None, {inp.name: x[:batch].numpy()})
+        assert got.shape == (batch, 10)
+        np.testing.assert_allclose(got, expected[:batch], atol=1e-4, rtol=0)
+
+
+def test_checkpoint_equals_the_users_grown_model(full_run):
+    out, _, result = full_run
+    loaded = growc.load(out / "model.safetensors")
+    grown = result.model.eval().cpu()  # the grown model (a GraphModule over the user's layers)
+    user = result.user_model.eval().cpu()  # the user's DigitsMLP, widened in place
+    assert type(user).__name__ == "DigitsMLP"
+    mine, theirs = grown.state_dict(), loaded.state_dict()
+    assert set(mine) == set(theirs)
+    for key, value in mine.items():
+        assert torch.equal(value, theirs[key]), key
+    assert loaded.fc1.out_features == user.fc1.out_features == result.report.final["widths"]["fc1"]
+    assert loaded.fc2.out_features == user.fc2.out_features == result.report.final["widths"]["fc2"]
+    x = val_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), grown(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded(x), user(x), rtol=0, atol=1e-6)  # no depth growth by default
+    # the checkpoint keeps the report
+    from growc.growth.checkpoint import read_metadata
+
+    extra = read_metadata(out / "model.safetensors")["extra"]
+    assert extra["step"] == "final"
+    assert extra["report"]["final"]["final_params"] == result.report.final["final_params"]
+
+
+def test_report_command_prints_the_run(full_run):
+    out, _, _ = full_run
+    result = run_cli("report", out)
+    assert result.exit_code == 0, result.output
+    assert "stopped:" in result.output
+    result = run_cli("report", out / "report.json")
+    assert result.exit_code == 0, result.output
+
+
+def test_inspect_lists_the_sites():
+    result = run_cli("inspect", EXAMPLE)
+    assert result.exit_code == 0, result.output
+    assert "fc1" in result.output and "fc2" in result.output
+    assert "its output is a model output" in flat(result.output)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def _essentials(report: dict) -> list:
+    return [
+        (
+            s["step"],
+            s["params"],
+            s["widths"],
+            s["train_loss"],
+            s["val_loss"],
+            s["val_accuracy"],
+            [(g["site"], g["neurons"], g["gamma"], g["predicted_gain"]) for g in s["grown"]],
+        )
+        for s in report["steps"]
+    ]
+
+
+def test_same_seed_same_report(tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        result = run_cli("grow", EXAMPLE, "--out", tmp_path / name, *FAST, "--seed", "3")
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    assert _essentials(reports[0]) == _essentials(reports[1])
+    assert reports[0]["final"]["widths"] == reports[1]["final"]["widths"]
+    assert len(reports[0]["steps"]) == 3  # two growth steps and the final training
+
+
+def test_zero_steps_does_not_grow(tmp_path):
+    result = run_cli("grow", EXAMPLE, "--out", tmp_path, "--steps", "0", "--final-epochs", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    final = json.loads((tmp_path / "report.json").read_text())["final"]
+    assert final["final_params"] == final["initial_params"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_model_file(tmp_path):
+    result = run_cli("grow", tmp_path / "nope.py", "--out", tmp_path / "out", "--quiet")
+    assert_clean_failure(result, "no model file at", "nope.py")
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_without_model(tmp_path):
+    path = write(tmp_path / "empty.py", "x = 1\n")
+    assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", "--quiet"), "defines no `model`")
+
+
+def test_model_that_raises_in_its_constructor(tmp_path):
+    path = write(
+        tmp_path / "raises.py",
+        """\
+        from torch import nn
+
+
+        class Broken(nn.Module):
+            def __init__(self):
+                super().__init__()
+                raise ValueError("no weights for you")
+
+
+        model = Broken
+        """,
+    )
+    output = assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", "--quiet"), "ValueError")
+    assert "no weights for you" in output and "line 7" in output
+
+
+def test_model_file_with_a_syntax_error(tmp_path):
+    path = write(tmp_path / "syntax.py", "def model(:\n    pass\n")
+    assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", "--quiet"), "SyntaxError", "syntax.py")
+
+
+def test_model_file_that_fails_on_import(tmp_path):
+    path = write(tmp_path / "imports.py", "import growc_no_such_package\nmodel = None\n")
+    assert_clean_failure(
+        run_cli("grow", path, "--out", tmp_path / "o", "--quiet"), "ModuleNotFoundError", "growc_no_such_package"
+    )
+
+
+def test_data_that_does_not_fit_the_model(tmp_path):
+    path = write(
+        tmp_path / "ten.py",
+        """\
+        from torch import nn
+
+        model = nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 10))
+        """,
+    )
+    output = assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", "--quiet"), "(64,)")
+    assert "first layer" in output
+
+
+def test_output_that_does_not_fit_the_targets(tmp_path):
+    path = write(
+        tmp_path / "five.py",
+        """\
+        from torch import nn
+
+        model = nn.Sequential(nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 5))
+        """,
+    )
+    assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", "--quiet"), "the loss cannot compare")
+
+
+def test_model_that_fx_cannot_trace(tmp_path):
+    path = write(
+        tmp_path / "branchy.py",
+        """\
+        from torch import nn
+
+
+        class Branchy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1 = nn.Linear(64, 4)
+                self.out = nn.Linear(4, 10)
+
+            def forward(self, x):
+                h = self.fc1(x).relu()
+                if h.sum() > 0:
+                    h = h * 2
+                return self.out(h)
+
+
+        model = Branchy
+        """,
+    )
+    assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", *FAST), "could not trace", "--leaf")
+
+
+def test_model_with_nothing_to_grow(tmp_path):
+    path = write(tmp_path / "linear.py", "from torch import nn\n\nmodel = nn.Linear(64, 10)\n")
+    assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", *FAST), "no growth site")
+
+
+def test_unknown_data_set(tmp_path):
+    result = run_cli("grow", EXAMPLE, "--data", "foo", "--out", tmp_path / "o", "--quiet")
+    assert_clean_failure(result, "unknown data set 'foo'", "digits")
+
+
+def test_mnist_without_a_path(tmp_path):
+    result = run_cli("grow", EXAMPLE, "--data", "mnist", "--out", tmp_path / "o", "--quiet")
+    assert_clean_failure(result, "mnist:PATH")
+
+
+def test_mnist_with_a_missing_file(tmp_path):
+    missing = tmp_path / "mnist.npz"
+    result = run_cli("grow", EXAMPLE, "--data", f"mnist:{missing}", "--out", tmp_path / "o", "--quiet")
+    assert_clean_failure(result, "no mnist file")
+
+
+@pytest.mark.parametrize(
+    "option, phrase",
+    [
+        (["--optimizer", "adamw"], "unknown optimizer 'adamw'"),
+        (["--strategy", "magic"], "unknown strategy 'magic'"),
+        (["--device", "toaster"], "unknown device 'toaster'"),
+    ],
+)
+def test_unknown_setting(tmp_path, option, phrase):
+    result = run_cli("grow", EXAMPLE, *option, "--out", tmp_path / "o", "--quiet")
+    assert_clean_failure(result, phrase)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu(tmp_path):
+    result = run_cli("grow", EXAMPLE, "--device", "cuda", "--out", tmp_path / "o", "--quiet")
+    assert_clean_failure(result, "--device cpu")
+
+
+def test_opset_the_exporter_cannot_write(tmp_path):
+    """The exporter silently fell back to opset 18 while the report said 3."""
+    result = run_cli("grow", EXAMPLE, "--opset", "3", "--out", tmp_path, "--steps", "1", "--final-epochs", "0")
+    assert_clean_failure(result, "opset 3")
+    assert not (tmp_path / "model.onnx").exists()
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_report_of_a_folder_without_report(tmp_path):
+    assert_clean_failure(run_cli("report", tmp_path), "no report.json", "--out")
+
+
+def test_report_of_a_damaged_report(tmp_path):
+    (tmp_path / "report.json").write_text('{"steps": [')
+    assert_clean_failure(run_cli("report", tmp_path), "not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "name, source, phrase",
+    [("missing.py", None, "no model file at"), ("syntax.py", "model = (\n", "SyntaxError")],
+)
+def test_the_real_command_fails_cleanly(tmp_path, name, source, phrase):
+    """Through `python -m growc`, i.e. growc.cli.main, not only the typer app."""
+    path = tmp_path / name
+    if source is not None:
+        path.write_text(source)
+    proc = subprocess.run(
+        [sys.executable, "-m", "growc", "grow", str(path), "--out", str(tmp_path / "o"), "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert phrase in flat(proc.stderr)
+    assert flat(proc.stderr).count("error:") == 1
