@@ -12,8 +12,10 @@ from growc.data import as_loader, load_builtin
 from growc.deploy.export import export_onnx
 from growc.graph.candidates import CandidateReport, find_width_sites
 from growc.graph.trace import trace
+from growc.growth import distributed
 from growc.growth.config import GrowthConfig
 from growc.growth.loop import GrowthResult, Observer, grow
+from growc.growth.plots import write_plots
 from growc.userfile import check_model_takes_data, load_user_data, load_user_file
 
 #: Validation samples on which onnxruntime is compared with torch.
@@ -41,6 +43,8 @@ def _check_settings(config: GrowthConfig) -> None:
     from growc.errors import GrowcError
     from growc.tiny.strategies import STRATEGIES
 
+    if config.trigger not in ("epochs", "plateau"):
+        raise GrowcError(f"unknown trigger '{config.trigger}': choose epochs or plateau")
     if config.optimizer not in ("adam", "sgd"):
         raise GrowcError(f"unknown optimizer '{config.optimizer}': choose adam or sgd")
     if config.strategy not in STRATEGIES:
@@ -58,12 +62,15 @@ def grow_file(
     observer: Observer | None = None,
     leaf_modules: Iterable[str] = (),
     opset: int = 18,
+    resume: bool = False,
     **settings,
 ) -> GrowthResult:
     """`growc grow`: load MODEL.py, grow its model, write model.onnx, model.safetensors and
     report.json to `out` (default exported_models/<file name>/)."""
     model_file = Path(model_file)
     out = Path(out) if out is not None else Path("exported_models") / model_file.stem
+    # Under torchrun: join the process group; each rank trains on its own device (cuda:LOCAL_RANK).
+    settings["device"] = distributed.join_from_environment(settings.get("device", GrowthConfig.device))
     config = GrowthConfig(**settings)
     _check_settings(config)
     torch.manual_seed(config.seed)  # the model file builds the model: its initialization is seeded too
@@ -88,7 +95,10 @@ def grow_file(
         observer,
         leaf_modules=leaf_modules,
         checkpoint=out / "model.safetensors",
+        resume=resume,
     )
+    if not distributed.is_main():
+        return result  # only rank 0 writes the ONNX file, report.json and the plots
     check_inputs = _first_inputs(val_loader, ONNX_CHECK_SAMPLES)
     exported = export_onnx(result.model, check_inputs, out / "model.onnx", opset=opset, check_inputs=check_inputs)
     result.report.final.update(
@@ -101,9 +111,7 @@ def grow_file(
             "data": data if user.data is None else "model file",
         }
     )
-    from growc.growth.checkpoint import save_checkpoint
-
-    save_checkpoint(out / "model.safetensors", result.model, {"report": result.report.to_dict(), "step": "final"})
     result.report.write(out / "report.json")
+    write_plots(result.report, out)
     result.model.to(device)
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -101,6 +102,16 @@ class RichObserver:
             console.print(text)
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: a message, the last step's
+    checkpoint kept (checkpoints are written atomically after every step)."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _fail(message: str, code: int = 2) -> None:
     errors.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
@@ -121,6 +132,17 @@ def grow(
     max_params: Annotated[Optional[int], typer.Option(min=1, help="never grow past this many parameters")] = None,
     strategy: Annotated[str, typer.Option(help="new neurons from: tiny, random, gradmax")] = "tiny",
     depth: Annotated[bool, typer.Option(help="also consider new residual blocks on the edges into layers")] = False,
+    max_flops: Annotated[
+        Optional[int], typer.Option(min=1, help="stop growing at this many multiply-adds per sample")
+    ] = None,
+    target_accuracy: Annotated[
+        Optional[float], typer.Option(min=0.0, max=1.0, help="stop growing at this validation accuracy (0-1)")
+    ] = None,
+    time_budget: Annotated[Optional[float], typer.Option(min=0.0, help="stop growing after this many seconds")] = None,
+    trigger: Annotated[
+        str, typer.Option(help="grow after --epochs epochs (epochs) or once validation loss plateaus (plateau)")
+    ] = "epochs",
+    resume: Annotated[bool, typer.Option(help="continue the run whose checkpoint is in --out")] = False,
     lr: Annotated[float, typer.Option(min=0.0, help="learning rate")] = 3e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
@@ -137,8 +159,10 @@ def grow(
 ) -> None:
     """Grow MODEL_FILE's model by its expressivity bottlenecks, then export it to ONNX."""
     from growc.api import grow_file
+    from growc.growth.distributed import environment_rank
 
     out = out or Path("exported_models") / model_file.stem
+    _terminate_as_interrupt()
     try:
         result = grow_file(
             model_file,
@@ -149,6 +173,12 @@ def grow(
             steps=steps,
             max_params=max_params,
             strategy=strategy,
+            depth=depth,
+            max_flops=max_flops,
+            target_accuracy=target_accuracy,
+            time_budget=time_budget,
+            trigger=trigger,
+            resume=resume,
             lr=lr,
             optimizer=optimizer,
             batch_size=batch_size,
@@ -156,12 +186,18 @@ def grow(
             device=device,
             leaf_modules=leaf or [],
             opset=opset,
-            observer=RichObserver(quiet),
+            observer=RichObserver(quiet or environment_rank() != 0),  # under torchrun rank 0 prints
         )
     except GrowcError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail(f"interrupted: the last completed step's checkpoint is in {out}", code=130)
+        _fail(
+            f"interrupted: the last completed step's checkpoint is {out}/model.safetensors; "
+            f"continue with the same command and --resume",
+            code=130,
+        )
+    if environment_rank() != 0:
+        return
     final = result.report.final
     acc = final.get("final_val_accuracy")
     console.print(

@@ -165,8 +165,8 @@ def test_checkpoint_equals_the_users_grown_model(full_run):
     from growc.growth.checkpoint import read_metadata
 
     extra = read_metadata(out / "model.safetensors")["extra"]
-    assert extra["step"] == "final"
-    assert extra["report"]["final"]["final_params"] == result.report.final["final_params"]
+    assert extra["run"]["finished"] is True
+    assert extra["run"]["report"]["final"]["final_params"] == result.report.final["final_params"]
 
 
 def test_report_command_prints_the_run(full_run):

@@ -130,7 +130,7 @@ def test_tiny_neurons_lower_the_loss_more_than_random_ones():
                 for draw in range(draws):
                     trial = copy.deepcopy(model)
                     generator = torch.Generator().manual_seed(100 * seed + draw)
-                    record = grow_site(trial, a, 2, make_strategy(name), [], batch, config, generator)
+                    record, _ = grow_site(trial, a, 2, make_strategy(name), [], batch, config, generator)
                     gains[name].append(record.observed_gain)
             for random_gain in gains["random"]:
                 wins += gains["tiny"][0] > random_gain

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import growc
+from growc.graph.flops import multiply_adds
 
 
 def card_path(onnx_path: str | Path) -> Path:
@@ -20,28 +21,6 @@ def card_path(onnx_path: str | Path) -> Path:
 
 
 @torch.no_grad()
-def multiply_adds(model: nn.Module, example_inputs: Sequence[Tensor]) -> int:
-    """Multiply-adds of the Linear and Conv layers for one sample, counted by forward hooks."""
-    total = 0
-
-    def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-        else:  # each output value of a conv sums (in_channels / groups) * kernel volume products
-            kernel = module.weight[0].numel()
-            total += output.numel() * kernel
-
-    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, layers)]
-    try:
-        model.eval()(*[x[:1] for x in example_inputs])
-    finally:
-        for h in handles:
-            h.remove()
-    return int(total)
-
-
 def onnx_signature(onnx_path: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Names, shapes (a string for a dynamic axis) and dtypes of the file's inputs and outputs."""
     import onnx

@@ -108,7 +108,11 @@ class DepthGrowth:
         self.modules = {"in": alpha, "act": BLOCK_ACTIVATIONS[site.activation](), "out": out}
         for part, module in self.modules.items():
             gm.add_module(f"{prefix}_{part}", module.to(device=ref.device, dtype=ref.dtype))
-        self._targets = [(alpha.weight, rows.reshape(alpha.weight.shape)), (alpha.bias, bias), (out.weight, omega.reshape(out.weight.shape))]
+        self._targets = [
+            (alpha.weight, rows.reshape(alpha.weight.shape)),
+            (alpha.bias, bias),
+            (out.weight, omega.reshape(out.weight.shape)),
+        ]
         consumer = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == site.consumer)
         self.edge = x = consumer.args[0]
         graph = gm.graph

@@ -127,3 +127,22 @@ def carry_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], swaps: li
                     value = torch.cat([value, value.new_zeros(pad_shape)], dim=swap.dim)
                 new_state[key] = value
             optimizer.state[swap.new] = new_state
+
+
+def uncarry_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], swaps: list[TensorSwap]) -> None:
+    """Undo `carry_optimizer_state`: the old Parameters back in the optimizers, their state cut back."""
+    for optimizer in optimizers:
+        for swap in reversed(swaps):
+            if not swap.is_parameter:
+                continue
+            for group in optimizer.param_groups:
+                group["params"] = [swap.old if p is swap.new else p for p in group["params"]]
+            state = optimizer.state.pop(swap.new, None)
+            if state is None:
+                continue
+            index = [slice(None)] * swap.new.dim()
+            index[swap.dim] = slice(0, swap.old_size)
+            optimizer.state[swap.old] = {
+                k: v[tuple(index)].clone() if isinstance(v, Tensor) and v.shape == swap.new.shape else v
+                for k, v in state.items()
+            }

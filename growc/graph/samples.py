@@ -64,7 +64,9 @@ def producer_rows(site: WidthSite, root: nn.Module, x_prev: Tensor) -> Tensor:
     return _with_ones(rows, mask.expand(batch, out_h, out_w))
 
 
-def depth_rows(site: DepthSite, x: Tensor, grad_x: Tensor, batch_size: int) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+def depth_rows(
+    site: DepthSite, x: Tensor, grad_x: Tensor, batch_size: int
+) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """A depth candidate's rows: b' is what the block's input layer would read (3x3 patches of the
     map, or the vector) and the block's output layer has no inputs yet, so b is empty and its
     whole desired update is -g at the edge."""

@@ -21,10 +21,17 @@ from growc.errors import CheckpointError
 from growc.graph.serialize import UnserializableModel, architecture, rebuild
 
 FORMAT = "growc-checkpoint/1"
+STATE_PREFIX = "growc_state/"  # tensors of a run's state (optimizer, random generators), not weights
 
 
-def save_checkpoint(path: str | Path, graph: fx.GraphModule, extra: dict[str, Any] | None = None) -> Path:
-    """Write the model's weights and architecture to `path` atomically."""
+def save_checkpoint(
+    path: str | Path,
+    graph: fx.GraphModule,
+    extra: dict[str, Any] | None = None,
+    state_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the model's weights and architecture to `path` atomically; a run's resumable state
+    goes in `extra` (JSON) and `state_tensors` (stored beside the weights under their own prefix)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -32,6 +39,7 @@ def save_checkpoint(path: str | Path, graph: fx.GraphModule, extra: dict[str, An
     except UnserializableModel:
         arch = None  # loadable only together with the user's model file
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in graph.state_dict().items()}
+    tensors.update(state_tensors or {})
     metadata = {"format": FORMAT, "architecture": json.dumps(arch), "extra": json.dumps(extra or {})}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -61,6 +69,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def load(path: str | Path) -> nn.Module:
     """The model stored in a growc checkpoint, as a plain nn.Module (a GraphModule), from the
     checkpoint alone."""
+    return load_with_state(path)[0]
+
+
+def load_with_state(path: str | Path) -> tuple[fx.GraphModule, dict[str, torch.Tensor], dict[str, Any]]:
+    """(model, the run's state tensors, the run's JSON metadata) of a checkpoint."""
     meta = read_metadata(path)
     if meta["architecture"] is None:
         raise CheckpointError(
@@ -71,14 +84,16 @@ def load(path: str | Path) -> nn.Module:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"the tensors of '{path}' cannot be read ({exc}): the file is damaged") from None
-    model = rebuild(meta["architecture"], tensors)
+    state = {k: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
+    model = rebuild(meta["architecture"], weights)
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
             f"the weights of '{path}' do not fit its architecture: {str(exc).splitlines()[0]}"
         ) from None
-    return model.eval()
+    return model.eval(), state, meta["extra"]
 
 
 def load_into(model: nn.Module, path: str | Path) -> nn.Module:
@@ -87,6 +102,8 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     tensors = load_file(str(path))
     with torch.no_grad():
         for name, value in tensors.items():
+            if name.startswith(STATE_PREFIX):
+                continue
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             current = getattr(owner, attr)

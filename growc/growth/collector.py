@@ -18,7 +18,9 @@ from growc.tiny.statistics import MomentAccumulator
 
 
 class StatisticsCollector:
-    def __init__(self, root: nn.Module, sites: list[WidthSite | DepthSite], folds: int = 4, max_samples: int | None = None) -> None:
+    def __init__(
+        self, root: nn.Module, sites: list[WidthSite | DepthSite], folds: int = 4, max_samples: int | None = None
+    ) -> None:
         self.root = root
         self.sites = list(sites)
         self.max_samples = max_samples
@@ -33,6 +35,12 @@ class StatisticsCollector:
         self._edge_names = {s.consumer for s in self._depth}  # layers whose input gradient is kept
         self._names = {s.producer for s in self._width} | self._consumer_names | self._edge_names
         self._input_grads: dict[str, Tensor] = {}
+
+    def reset(self) -> None:
+        """Forget what was gathered (a new epoch may be the last before growth)."""
+        folds = next(iter(self.accumulators.values())).fold_count if self.accumulators else 4
+        self.accumulators = {s.name: MomentAccumulator(folds) for s in self.sites}
+        self._seen = 0
 
     @property
     def samples(self) -> int:

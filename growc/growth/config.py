@@ -17,6 +17,14 @@ class GrowthConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     max_params: int | None = None  # never grow past this many parameters
+    max_flops: int | None = None  # stop growing once a sample costs this many multiply-adds
+    target_accuracy: float | None = None  # stop growing once validation accuracy reaches this
+    time_budget: float | None = None  # seconds; stop growing once the run has used them
+    # What triggers a growth step: "epochs" (after `epochs` epochs) or "plateau" (once the
+    # validation loss improves by less than `plateau_tolerance` (relative) over an epoch, after
+    # at most `epochs` epochs).
+    trigger: str = "epochs"
+    plateau_tolerance: float = 0.01
     strategy: str = "tiny"  # how new neurons are chosen: "tiny", "random", "gradmax"
     stat_samples: int = 4096  # samples of the last epoch whose moments drive a growth step
     folds: int = 4  # folds of those samples for the significance test

@@ -15,11 +15,15 @@ from torch import fx, nn
 from growc.errors import GrowcError
 from growc.graph.candidates import WidthSite, find_width_sites
 from growc.graph.depth import DepthSite, find_depth_edges
+from growc.graph.flops import multiply_adds
 from growc.graph.trace import parameter_count, trace
-from growc.growth.checkpoint import save_checkpoint
+from growc.growth import distributed
+from growc.growth.checkpoint import load_with_state, save_checkpoint
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
 from growc.growth.report import GrowthReport, StepRecord
+from growc.growth.run_state import RunState, restore_optimizer, restore_random_states
+from growc.growth.run_state import pack as run_state_pack
 from growc.growth.step import LineSearchBatch, allocate, assess_sites, grow_site
 from growc.growth.train import LossFn, evaluate, make_optimizer, split_batch, train_epoch
 from growc.tiny.strategies import make_strategy
@@ -120,141 +124,285 @@ def grow(
     leaf_modules: Iterable[str] = (),
     concrete_args: dict[str, Any] | None = None,
     checkpoint: str | Path | None = None,
+    resume: bool = False,
 ) -> GrowthResult:
     """Grow `model` in place by the expressivity bottleneck and return it with its report.
 
-    With `checkpoint`, the model and the report so far are written there (atomically) after every
-    step, so an interrupted run leaves its last good state readable."""
+    With `checkpoint`, the model, the report and everything needed to continue (optimizer and
+    random states) are written there atomically after every step; with `resume`, a run continues
+    from that checkpoint and computes what the uninterrupted run would have."""
     config = config or GrowthConfig()
     observer = observer or Observer()
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
-
+    train_loader = distributed.shard_loader(train_loader, config.seed)  # this rank's share (under torchrun)
     user_model = model
+    strategy = make_strategy(config.strategy)
+    clock = time.perf_counter()
+
     # From here on the model is the traced graph: it shares every layer with the user's module
     # (width growth shows in both) and is the only one that can receive new blocks.
-    model = graph = trace(user_model, leaf_modules, concrete_args)
-    candidates = find_width_sites(graph)
+    saved = None
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        graph, state_tensors, extra = load_with_state(checkpoint)
+        if "run" not in extra:
+            raise GrowcError(f"'{checkpoint}' holds no resumable run state: start the run again without --resume")
+        graph.to(device)
+        saved = (state_tensors, extra)
+    else:
+        graph = trace(user_model, leaf_modules, concrete_args)
     sites = _all_sites(graph, config)
     if not sites:
-        reasons = "; ".join(f"{name}: {why}" for name, why in candidates.skipped) or "no linear layers"
+        skipped = find_width_sites(graph).skipped
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped) or "no linear layers"
         raise GrowcError(f"no growth site found in {type(user_model).__name__} ({reasons})")
-    strategy = make_strategy(config.strategy)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
+    optimizer = make_optimizer(config.optimizer, graph.parameters(), config.lr, config.weight_decay)
     search_batch = _line_search_batch(train_loader, config.line_search_samples, device, loss_fn)
-    report = GrowthReport(config=config.as_dict())
-    initial_params = parameter_count(model)
-    observer.run_start(sites, initial_params)
+    search_batch = distributed.reduced_line_search_batch(search_batch)  # loss: mean over all ranks
+    if saved is not None:
+        state_tensors, extra = saved
+        state = RunState.from_json(extra["run"])
+        restore_optimizer(optimizer, graph, state_tensors, extra)
+        restore_random_states(state_tensors, train_loader, generator)
+        observer.message(f"resumed from {checkpoint} at step {state.step}")
+    else:
+        state = RunState(initial_params=parameter_count(graph), report=GrowthReport(config=config.as_dict()))
+        state.final = config.steps == 0  # with no growth step asked for, the first phase is the final one
+    report = state.report
+    observer.run_start(sites, parameter_count(graph))
 
-    final = config.steps == 0  # with no growth step asked for, the first phase is the final one
-    barren = 0  # consecutive steps where no site had a significant gain
-    for step in range(config.steps + 1):
-        epochs = (
-            config.epochs if not final else (config.final_epochs if config.final_epochs is not None else config.epochs)
-        )
+    def save() -> None:
+        if checkpoint is None or not distributed.is_main():
+            return
+        state.elapsed += time.perf_counter() - clock_reset()
+        tensors, meta = run_state_pack(graph, optimizer, train_loader, generator)
+        save_checkpoint(checkpoint, graph, {"run": state.to_json(), **meta}, tensors)
+
+    def clock_reset() -> float:
+        nonlocal clock
+        previous, clock = clock, time.perf_counter()
+        return previous
+
+    replicas = distributed.Replicas(graph)  # under torchrun: DDP around the graph, rebuilt after growth
+    while not state.finished:
+        step = state.step
         seconds = {"train": 0.0, "statistics": 0.0, "solve": 0.0, "line_search": 0.0}
-        collector = StatisticsCollector(model, sites, config.folds, config.stat_samples)
-        # Learning-rate policy: constant while growing (new and old neurons share it, Adam's
-        # per-entry scaling adapts to each), then a cosine decay to 0 over the final training.
-        scheduler = None
-        if final and epochs and hasattr(train_loader, "__len__"):
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(train_loader))
-        train_loss = math.nan
-        for epoch in range(epochs):
-            collecting = not final and epoch == epochs - 1
-            train_loss = _train_one_epoch(
-                model,
-                train_loader,
-                loss_fn,
-                optimizer,
-                device,
-                config,
-                observer,
-                step,
-                epoch,
-                epochs,
-                collector if collecting else None,
-                seconds,
-                scheduler,
-            )
-        seconds["train"] -= seconds["statistics"]
-        if not math.isfinite(train_loss) and epochs:
+        collector = StatisticsCollector(graph, sites, config.folds, config.stat_samples)
+        train_loss = _train_phase(
+            replicas.module(),
+            train_loader,
+            val_loader,
+            loss_fn,
+            optimizer,
+            device,
+            config,
+            observer,
+            step,
+            state.final,
+            collector,
+            seconds,
+        )
+        train_loss = distributed.mean_across_ranks(train_loss)
+        if not math.isfinite(train_loss):
             raise GrowcError(f"the training loss became {train_loss} at step {step}: lower the learning rate (--lr)")
-        val_loss, val_accuracy = evaluate(model, val_loader, loss_fn, device)
-        params = parameter_count(model)
+        val_loss, val_accuracy = evaluate(graph, val_loader, loss_fn, device)
+        params = parameter_count(graph)
         record = StepRecord(
             step=step,
             params=params,
             train_loss=train_loss,
             val_loss=val_loss,
             val_accuracy=val_accuracy,
-            widths=widths(model, sites),
+            widths=widths(graph, sites),
             bottlenecks={},
+            seconds=seconds,
+            params_after=params,
         )
-        record.seconds = seconds
         report.steps.append(record)
-        if final:
-            record.params_after = params
+        if state.final:
+            state.finished = True
+            report.final = _final_block(state, graph, sites, record)
+            save()
             observer.step_end(record)
             break
 
-        start = time.perf_counter()
-        assessments = assess_sites(model, sites, collector.accumulators, config)
-        seconds["solve"] = time.perf_counter() - start
-        record.bottlenecks = {
-            a.site.name: {
-                "bottleneck": a.solution.bottleneck,
-                "relative": a.solution.relative_bottleneck,
-                "best_gain": float(a.solution.neurons.lambdas[0] ** 2) if a.solution.neurons.count else 0.0,
-                "significant": a.significant,
-            }
-            for a in assessments
-        }
-        budget = None if config.max_params is None else config.max_params - params
-        counts = allocate(assessments, budget)
-        start = time.perf_counter()
-        widened: set[str] = set()  # layers whose input dimension grew in this step
-        # Width first, then new blocks; a block on an edge whose width just changed waits a step
-        # (its statistics were taken at the old width).
-        for a in sorted(assessments, key=lambda a: (isinstance(a.site, DepthSite), -a.value(0) if a.significant else 0.0)):
-            if counts.get(a.site.name, 0) == 0:
-                continue
-            if isinstance(a.site, DepthSite) and a.site.consumer in widened:
-                continue
-            grown = grow_site(model, a, counts[a.site.name], strategy, [optimizer], search_batch, config, generator)
-            record.grown.append(grown)
-            if grown.neurons:
-                widened.update(a.site.consumers)
-        seconds["line_search"] = time.perf_counter() - start
-        record.params_after = parameter_count(model)
-        if any(isinstance(a.site, DepthSite) and g.neurons for a in assessments for g in record.grown if g.site == a.site.name):
+        seconds["statistics"] += distributed.before_growth_step(collector.accumulators, generator)
+        outcome = _growth_step(
+            graph, sites, collector, config, strategy, optimizer, search_batch, generator, record, params
+        )
+        if outcome.blocks_inserted:
             sites = _all_sites(graph, config)  # a new block: its hidden layer is a site, its output an edge
+        reason = _stop_reason(config, state, record, outcome, search_batch, graph, time.perf_counter() - clock)
+        reason = distributed.broadcast_from_main(reason)  # the same decision on every rank (clocks differ)
+        if reason:
+            state.final, report.stop_reason = True, reason
+            record.note = "; ".join(filter(None, [record.note, reason]))
+        state.step += 1
+        save()
         observer.step_end(record)
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, graph, {"report": report.to_dict(), "step": step})
 
-        if step + 1 >= config.steps:
-            final, report.stop_reason = True, f"reached the {config.steps} growth steps asked for"
-        elif (
-            config.max_params is not None
-            and record.params_after + min((a.cost for a in assessments), default=0) > config.max_params
-        ):
-            final, report.stop_reason = True, f"reached the parameter budget ({config.max_params})"
-        else:
-            barren = 0 if any(a.significant for a in assessments) else barren + 1
-            if barren >= config.patience:
-                final = True
-                report.stop_reason = f"no site had a significant gain for {barren} steps in a row"
-        if final:
-            record.note = report.stop_reason
-    last = report.steps[-1]
-    report.final = {
-        "initial_params": initial_params,
-        "final_params": parameter_count(model),
+    return GrowthResult(model=graph, user_model=user_model, report=report)
+
+
+def _final_block(state: RunState, graph: fx.GraphModule, sites: list, last: StepRecord) -> dict:
+    return {
+        "initial_params": state.initial_params,
+        "final_params": parameter_count(graph),
         "final_val_accuracy": last.val_accuracy,
         "final_val_loss": last.val_loss,
-        "widths": widths(model, sites),
+        "widths": widths(graph, sites),
     }
-    return GrowthResult(model=graph, user_model=user_model, report=report)
+
+
+@dataclass
+class StepOutcome:
+    blocks_inserted: bool  # the graph changed: sites must be found again
+    significant: int  # significant neurons over all sites
+    cheapest_neuron: int  # parameters of the cheapest neuron anywhere
+
+
+def _train_phase(
+    graph: fx.GraphModule,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    config: GrowthConfig,
+    observer: Observer,
+    step: int,
+    final: bool,
+    collector: StatisticsCollector,
+    seconds: dict[str, float],
+) -> float:
+    """Training before a growth step (statistics gathered in its last epoch), or the final phase."""
+    epochs = config.final_epochs if final and config.final_epochs is not None else config.epochs
+    # Learning-rate policy: constant while growing (new and old neurons share it, Adam's
+    # per-entry scaling adapts to each), then a cosine decay to 0 over the final training.
+    scheduler = None
+    if final and epochs and hasattr(train_loader, "__len__"):
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(train_loader))
+    plateau = config.trigger == "plateau" and not final
+    train_loss, best_val = math.nan, math.inf
+    for epoch in range(epochs):
+        # With a fixed schedule the statistics come from the last epoch; under the plateau
+        # trigger any epoch may be the last, so each one starts a fresh collection.
+        collecting = not final and (plateau or epoch == epochs - 1)
+        if collecting and plateau:
+            collector.reset()
+        train_loss = _train_one_epoch(
+            graph,
+            train_loader,
+            loss_fn,
+            optimizer,
+            device,
+            config,
+            observer,
+            step,
+            epoch,
+            epochs,
+            collector if collecting else None,
+            seconds,
+            scheduler,
+        )
+        if plateau and epoch < epochs - 1:
+            val = evaluate(graph, val_loader, loss_fn, device)[0]
+            if val > best_val * (1 - config.plateau_tolerance):
+                break
+            best_val = min(best_val, val)
+    seconds["train"] -= seconds["statistics"]
+    return train_loss if epochs else 0.0
+
+
+def _growth_step(
+    graph: fx.GraphModule,
+    sites: list,
+    collector: StatisticsCollector,
+    config: GrowthConfig,
+    strategy,
+    optimizer: torch.optim.Optimizer,
+    search_batch: LineSearchBatch,
+    generator: torch.Generator,
+    record: StepRecord,
+    params: int,
+) -> StepOutcome:
+    """Measure every site, allocate neurons, grow; fills `record`."""
+    start = time.perf_counter()
+    assessments = assess_sites(graph, sites, collector.accumulators, config)
+    record.seconds["solve"] = time.perf_counter() - start
+    record.bottlenecks = {
+        a.site.name: {
+            "bottleneck": a.solution.bottleneck,
+            "relative": a.solution.relative_bottleneck,
+            "best_gain": float(a.solution.neurons.lambdas[0] ** 2) if a.solution.neurons.count else 0.0,
+            "significant": a.significant,
+        }
+        for a in assessments
+    }
+    budget = None if config.max_params is None else config.max_params - params
+    counts = allocate(assessments, budget)
+    start = time.perf_counter()
+    widened: set[str] = set()  # layers whose input dimension grew in this step
+    blocks = False
+    undos = []
+    # Width first, then new blocks; a block on an edge whose width just changed waits a step
+    # (its statistics were taken at the old width).
+    for a in sorted(assessments, key=lambda a: (isinstance(a.site, DepthSite), -a.value(0) if a.significant else 0.0)):
+        if counts.get(a.site.name, 0) == 0 or (isinstance(a.site, DepthSite) and a.site.consumer in widened):
+            continue
+        grown, undo = grow_site(graph, a, counts[a.site.name], strategy, [optimizer], search_batch, config, generator)
+        record.grown.append(grown)
+        undos.append(undo)
+        if grown.neurons:
+            widened.update(a.site.consumers)
+            blocks |= isinstance(a.site, DepthSite)
+    after = search_batch.loss(graph) if undos else 0.0
+    if not math.isfinite(after):
+        # Each site's amplitude was safe on its own; together they broke the loss: take it all back.
+        for undo in reversed(undos):
+            undo()
+        for g in record.grown:
+            g.neurons = 0
+        blocks = False
+        record.note = f"growth rolled back: the loss became {after} after this step's changes"
+    record.seconds["line_search"] = time.perf_counter() - start
+    record.params_after = parameter_count(graph)
+    return StepOutcome(
+        blocks_inserted=blocks,
+        significant=sum(a.significant for a in assessments),
+        cheapest_neuron=min((a.cost for a in assessments), default=0),
+    )
+
+
+def _stop_reason(
+    config: GrowthConfig,
+    state: RunState,
+    record: StepRecord,
+    outcome: StepOutcome,
+    search_batch: LineSearchBatch,
+    graph: fx.GraphModule,
+    session_seconds: float,
+) -> str:
+    """Why growth stops after this step ("" to go on); the final training follows either way."""
+    state.barren = 0 if outcome.significant else state.barren + 1
+    if state.step + 1 >= config.steps:
+        return f"reached the {config.steps} growth steps asked for"
+    if config.max_params is not None and record.params_after + outcome.cheapest_neuron > config.max_params:
+        return f"reached the parameter budget ({config.max_params:,})"
+    if config.max_flops is not None:
+        flops = multiply_adds(graph, [x[:1] for x in search_batch.inputs])
+        if flops >= config.max_flops:
+            return f"reached the compute budget ({flops:,} >= {config.max_flops:,} multiply-adds per sample)"
+    if (
+        config.target_accuracy is not None
+        and record.val_accuracy is not None
+        and record.val_accuracy >= config.target_accuracy
+    ):
+        return f"reached the target accuracy ({record.val_accuracy:.2%} >= {config.target_accuracy:.2%})"
+    if config.time_budget is not None and state.elapsed + session_seconds >= config.time_budget:
+        return f"used the time budget ({config.time_budget:g} s)"
+    if state.barren >= config.patience:
+        return f"no site had a significant gain for {state.barren} steps in a row"
+    return ""

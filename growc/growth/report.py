@@ -44,6 +44,20 @@ class GrowthReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> GrowthReport:
+        steps = []
+        for entry in data.get("steps", []):
+            entry = dict(entry)
+            entry["grown"] = [SiteGrowthRecord(**g) for g in entry.get("grown", [])]
+            steps.append(StepRecord(**entry))
+        return cls(
+            config=data.get("config", {}),
+            steps=steps,
+            final=data.get("final", {}),
+            stop_reason=data.get("stop_reason", ""),
+        )
+
     def write(self, path: str | Path) -> None:
         """Write atomically: a reader never sees half a report."""
         path = Path(path)

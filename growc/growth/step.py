@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from growc.graph.candidates import WidthSite
 from growc.graph.depth import DepthGrowth, DepthSite
 from growc.graph.handlers import handler_for
-from growc.graph.rewrite import NewUnits, SiteGrowth, carry_optimizer_state
+from growc.graph.rewrite import NewUnits, SiteGrowth, carry_optimizer_state, uncarry_optimizer_state
 from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_search
 from growc.growth.config import GrowthConfig
 from growc.growth.report import SiteGrowthRecord
@@ -55,6 +56,8 @@ def assess_sites(
         cap = config.new_neuron_cap(site.width(model))
         mode = site.input_mode(model)
         raw = acc.total()
+        if not _finite(raw):
+            continue  # a NaN/inf gradient poisoned this site's statistics: no growth there this step
         moments = prepare_inputs(raw, mode)
         solution = solve_site(moments, max_neurons=cap)
         significance = significant_neuron_count(acc, cap, config.significance_z, mode)
@@ -72,6 +75,11 @@ def assess_sites(
             )
         )
     return out
+
+
+def _finite(moments: SiteMoments) -> bool:
+    tensors = [moments.s_prev] + [t for c in moments.consumers for t in (c.s, c.m, c.c, c.p)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors) and all(math.isfinite(c.g_sq) for c in moments.consumers)
 
 
 def allocate(assessments: list[SiteAssessment], budget: int | None) -> dict[str, int]:
@@ -170,8 +178,9 @@ class LineSearchBatch:
 
 
 @torch.no_grad()
-def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBatch) -> tuple[float, float]:
-    """Line search on the size of the consumers' best update; returns (fraction, predicted gain)."""
+def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBatch) -> tuple[float, float, Callable]:
+    """Line search on the size of the consumers' best update; returns (fraction, predicted gain,
+    a function that takes the update back)."""
     consumers = [model.get_submodule(c) for c in a.site.consumers]
     originals = [handler_for(c).weight_matrix(c).clone() for c in consumers]
     units = []
@@ -195,12 +204,13 @@ def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBat
 
     best, _, _ = line_search(loss_at, UPDATE_FRACTIONS)
     set_fraction(best)
+    restore = functools.partial(set_fraction, 0.0)
     predicted = 0.0
     for w, u in zip(originals, a.solution.updates):
         norm = float(u.delta.norm())
         if norm > 0:
             predicted += best * float(w.norm()) / norm * u.first_order_gain * a.solution.rows_per_sample
-    return best, predicted
+    return best, predicted, restore
 
 
 def grow_site(
@@ -212,14 +222,15 @@ def grow_site(
     batch: LineSearchBatch,
     config: GrowthConfig,
     generator: torch.Generator,
-) -> SiteGrowthRecord:
+) -> tuple[SiteGrowthRecord, Callable[[], None]]:
     """Apply the best update and `count` new neurons at one site, each with its amplitude chosen
-    by a line search on the real loss. Neurons whose best amplitude is 0 are not added."""
+    by a line search on the real loss. Neurons whose best amplitude is 0 are not added. Returns
+    the record and a function that takes the whole change back."""
     loss_before = batch.loss(model)
     depth = isinstance(a.site, DepthSite)
-    fraction, predicted = (0.0, 0.0)
+    fraction, predicted, restore_update = 0.0, 0.0, None
     if config.update_existing and not depth:
-        fraction, predicted = _apply_best_update(model, a, batch)
+        fraction, predicted, restore_update = _apply_best_update(model, a, batch)
 
     neurons = strategy.propose(a.solution, a.moments, count, generator)
     dtype = next(model.parameters()).dtype
@@ -251,7 +262,7 @@ def grow_site(
                 optimizer.add_param_group({**_group_settings(optimizer), "params": growth.new_parameters()})
         raw = float(neurons_raw_gain(a.moments, neurons.alpha, neurons.omega).sum())
         predicted += a.site.slope_at_zero * gamma**2 * scale * raw
-    return SiteGrowthRecord(
+    record = SiteGrowthRecord(
         site=a.site.name,
         neurons=added,
         predicted_gain=predicted,
@@ -261,13 +272,19 @@ def grow_site(
         significant=a.significant,
     )
 
+    def undo() -> None:
+        if added:
+            uncarry_optimizer_state(optimizers, growth.parameter_swaps)
+            if depth:
+                for optimizer in optimizers:
+                    optimizer.param_groups.pop()
+            growth.undo()
+        if restore_update is not None:
+            restore_update()
+
+    return record, undo
+
 
 def _group_settings(optimizer: torch.optim.Optimizer) -> dict:
     """A new block's parameters train with the same settings as the model's first group."""
     return {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start

@@ -156,3 +156,23 @@ class MomentAccumulator:
 
     def usable_folds(self) -> list[int]:
         return [i for i, f in enumerate(self._folds) if f.n > 0]
+
+    def fold_sums(self, index: int) -> tuple[int, int, list[Tensor] | None]:
+        """(rows, samples, running sums) of fold `index`; the sums in a fixed order (S', then per
+        consumer S, M, C, P, |g|^2), None while the fold is empty. What processes add up."""
+        fold = self._folds[index]
+        if fold.s_prev is None:
+            return fold.n, fold.samples, None
+        return fold.n, fold.samples, [fold.s_prev, *(t for sums in fold.consumers for t in sums)]
+
+    def set_fold_sums(self, index: int, rows: int, samples: int, sums: list[Tensor] | None) -> None:
+        """Replace fold `index` by the given sums (in `fold_sums`' order), e.g. summed over processes."""
+        fold = self._folds[index]
+        fold.n, fold.samples = rows, samples
+        if sums is None:
+            fold.s_prev, fold.consumers = None, []
+            return
+        if (len(sums) - 1) % 5:
+            raise ValueError("sums must be S' followed by five sums per consumer")
+        fold.s_prev = sums[0]
+        fold.consumers = [list(sums[1 + 5 * i : 6 + 5 * i]) for i in range((len(sums) - 1) // 5)]

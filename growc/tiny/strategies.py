@@ -47,9 +47,10 @@ class RandomStrategy:
         ref = solution.neurons.take(k)
         k = ref.count
         d_in, d_out = moments.s_prev.shape[0], solution.n_matrix.shape[1]
-        alpha = torch.randn(d_in, k, generator=generator, dtype=torch.float64)
+        device = ref.lambdas.device  # draws come from a CPU generator, so runs match across devices
+        alpha = torch.randn(d_in, k, generator=generator, dtype=torch.float64).to(device)
         alpha = _unit_preactivation(alpha, moments.s_prev)
-        omega = torch.randn(d_out, k, generator=generator, dtype=torch.float64)
+        omega = torch.randn(d_out, k, generator=generator, dtype=torch.float64).to(device)
         omega = omega / omega.norm(dim=0).clamp_min(1e-300) * ref.lambdas
         return Neurons(alpha=alpha, omega=omega, lambdas=ref.lambdas)
 

@@ -1,0 +1,33 @@
+"""Compute cost of a model: multiply-adds per sample."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def multiply_adds(model: nn.Module, example_inputs: Sequence[Tensor]) -> int:
+    """Multiply-adds of the Linear and Conv layers for one sample, counted by forward hooks."""
+    total = 0
+
+    def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+        else:  # each output value of a conv sums (in_channels / groups) * kernel volume products
+            kernel = module.weight[0].numel()
+            total += output.numel() * kernel
+
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, layers)]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*[x[:1] for x in example_inputs])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    return int(total)

@@ -1,0 +1,54 @@
+"""--device cuda: the same growth on a GPU. Skipped where torch sees no GPU."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growc.data import as_loader, digits
+from growc.graph.candidates import find_width_sites
+from growc.graph.trace import trace
+from growc.growth.collector import StatisticsCollector
+from growc.growth.config import GrowthConfig
+from growc.growth.loop import grow
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+
+
+def test_statistics_on_gpu_equal_cpu():
+    train, _ = digits()
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 10))
+    moments = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        sites = find_width_sites(trace(m)).sites
+        collector = StatisticsCollector(m, sites)
+        with collector:
+            F.cross_entropy(m(x.to(device)), y.to(device)).backward()
+            collector.accumulate(len(y))
+        moments[device] = collector.accumulators[sites[0].name].total()
+    torch.testing.assert_close(moments["cuda"].s_prev.cpu(), moments["cpu"].s_prev, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        moments["cuda"].consumers[0].p.cpu(), moments["cpu"].consumers[0].p, rtol=1e-3, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("strategy", ["tiny", "random"])
+def test_growth_runs_on_gpu(strategy):
+    train, val = digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 2), nn.ReLU(), nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 10))
+    result = grow(
+        model,
+        as_loader(train, 64, True, 0),
+        as_loader(val, 256, False, 0),
+        F.cross_entropy,
+        GrowthConfig(device="cuda", steps=10, final_epochs=10, strategy=strategy),
+    )
+    assert next(result.model.parameters()).is_cuda
+    assert result.report.final["final_params"] > result.report.final["initial_params"]
+    assert result.report.final["final_val_accuracy"] > 0.85
