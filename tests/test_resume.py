@@ -1,0 +1,153 @@
+"""A growth run survives interruptions, stops where it is told to, and never keeps a broken step."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import growc
+from growc.data import as_loader, digits
+from growc.errors import GrowcError
+from growc.growth.loop import Observer, grow
+from growc.growth.step import LineSearchBatch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 2), nn.ReLU(), nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 10))
+    train, val = digits()
+    return model, as_loader(train, 64, True, seed), as_loader(val, 256, False, seed)
+
+
+class _StopAfter(Observer):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def step_end(self, record) -> None:
+        if record.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_reaches_the_same_model_as_an_uninterrupted_run(tmp_path):
+    config = growc.GrowthConfig(steps=5, final_epochs=2, seed=0)
+    model, train, val = _setup()
+    whole = grow(model, train, val, F.cross_entropy, config, checkpoint=tmp_path / "a.safetensors")
+
+    model, train, val = _setup()
+    with pytest.raises(KeyboardInterrupt):
+        grow(model, train, val, F.cross_entropy, config, observer=_StopAfter(2), checkpoint=tmp_path / "b.safetensors")
+    model, train, val = _setup()  # a fresh process: new model, new loaders
+    resumed = grow(model, train, val, F.cross_entropy, config, checkpoint=tmp_path / "b.safetensors", resume=True)
+
+    assert [s.widths for s in resumed.report.steps] == [s.widths for s in whole.report.steps]
+    mine, theirs = whole.model.state_dict(), resumed.model.state_dict()
+    assert set(mine) == set(theirs)
+    for key in mine:
+        torch.testing.assert_close(theirs[key], mine[key], rtol=1e-5, atol=1e-6)
+    assert resumed.report.final["final_val_accuracy"] == pytest.approx(whole.report.final["final_val_accuracy"])
+
+
+def test_a_run_killed_with_sigkill_resumes(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "growc",
+        "grow",
+        str(ROOT / "examples" / "digits_mlp.py"),
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--steps",
+        "12",
+        "--final-epochs",
+        "2",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "model.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint.exists():
+            try:
+                step = growc.growth.checkpoint.read_metadata(checkpoint)["extra"]["run"]["step"]
+            except growc.errors.CheckpointError:
+                step = 0
+            if step >= 2:
+                break
+        time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    model = growc.load(checkpoint)  # the last good checkpoint is readable
+    assert sum(p.numel() for p in model.parameters()) > 166
+    done = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"][0]["step"] == 0 and report["final"]["final_params"] > 166
+
+
+def test_resume_from_a_corrupted_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    model, train, val = _setup()
+    grow(model, train, val, F.cross_entropy, growc.GrowthConfig(steps=1, final_epochs=0), checkpoint=path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    model, train, val = _setup()
+    with pytest.raises(growc.errors.CheckpointError, match="model.safetensors"):
+        grow(model, train, val, F.cross_entropy, growc.GrowthConfig(), checkpoint=path, resume=True)
+
+
+@pytest.mark.parametrize(
+    "settings, reason",
+    [
+        ({"target_accuracy": 0.3}, "target accuracy"),
+        ({"max_params": 400}, "parameter budget"),
+        ({"max_flops": 250}, "compute budget"),
+        ({"time_budget": 0.0}, "time budget"),
+        ({"steps": 2}, "2 growth steps"),
+    ],
+)
+def test_each_stopping_rule_stops_the_run(settings, reason):
+    model, train, val = _setup()
+    result = grow(model, train, val, F.cross_entropy, growc.GrowthConfig(final_epochs=0, **settings))
+    assert reason in result.report.stop_reason
+    assert len(result.report.steps) < 30
+    if "max_params" in settings:
+        assert result.report.final["final_params"] <= settings["max_params"]
+
+
+def test_a_step_that_breaks_the_loss_is_rolled_back(monkeypatch):
+    model, train, val = _setup()
+    calls = {"n": 0}
+    original = LineSearchBatch.loss
+
+    def loss(self, m):
+        # Honest during the amplitude searches, NaN at the check that follows them.
+        value = original(self, m)
+        calls["n"] += 1
+        return math.nan if calls["n"] > 40 and calls["n"] % 2 == 0 else value
+
+    monkeypatch.setattr(LineSearchBatch, "loss", loss)
+    result = grow(model, train, val, F.cross_entropy, growc.GrowthConfig(steps=3, final_epochs=0))
+    rolled = [s for s in result.report.steps if "rolled back" in s.note]
+    assert rolled, [s.note for s in result.report.steps]
+    assert all(g.neurons == 0 for s in rolled for g in s.grown)
+
+
+def test_non_finite_training_loss_is_a_clear_error():
+    model, train, val = _setup()
+    with torch.no_grad():
+        model[0].weight.fill_(float("inf"))
+    with pytest.raises(GrowcError, match="lower the learning rate"):
+        grow(model, train, val, F.cross_entropy, growc.GrowthConfig(steps=2, final_epochs=0))
