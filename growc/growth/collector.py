@@ -8,6 +8,7 @@ extra forward or backward pass is run.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -19,7 +20,13 @@ from growc.tiny.statistics import MomentAccumulator
 
 class StatisticsCollector:
     def __init__(
-        self, root: nn.Module, sites: list[WidthSite | DepthSite], folds: int = 4, max_samples: int | None = None
+        self,
+        root: nn.Module,
+        sites: list[WidthSite | DepthSite],
+        folds: int = 4,
+        max_samples: int | None = None,
+        rows_per_sample: int | None = 64,
+        seed: int = 0,
     ) -> None:
         self.root = root
         self.sites = list(sites)
@@ -35,6 +42,21 @@ class StatisticsCollector:
         self._edge_names = {s.consumer for s in self._depth}  # layers whose input gradient is kept
         self._names = {s.producer for s in self._width} | self._consumer_names | self._edge_names
         self._input_grads: dict[str, Tensor] = {}
+        # A conv site has a row per output position; past `rows_per_sample` per sample a random
+        # subset of positions is kept (the moments are means over rows: still unbiased), which
+        # bounds the cost of a step by the number of samples, not the feature maps' size.
+        self.rows_per_sample = rows_per_sample
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _update(self, name: str, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], batch_size: int) -> None:
+        rows = b_prev.shape[0]
+        samples: float = batch_size
+        if self.rows_per_sample is not None and rows > batch_size * self.rows_per_sample:
+            keep = batch_size * self.rows_per_sample
+            index = torch.randperm(rows, generator=self._generator)[:keep].to(b_prev.device)
+            b_prev, pairs = b_prev[index], [(b[index], g[index]) for b, g in pairs]
+            samples = batch_size * keep / rows  # rows per sample stays the true positions per sample
+        self.accumulators[name].update(b_prev, pairs, samples)
 
     def reset(self) -> None:
         """Forget what was gathered (a new epoch may be the last before growth)."""
@@ -93,11 +115,11 @@ class StatisticsCollector:
                 continue
             b_prev = producer_rows(site, self.root, self._inputs[site.producer])
             pairs = [consumer_rows(self.root, c, self._inputs[c], self._grads[c], batch_size) for c in site.consumers]
-            self.accumulators[site.name].update(b_prev, pairs, batch_size)
+            self._update(site.name, b_prev, pairs, batch_size)
         for site in self._depth:
             if site.consumer in self._input_grads:
                 x, g = self._inputs[site.consumer], self._input_grads[site.consumer]
-                self.accumulators[site.name].update(*depth_rows(site, x, g, batch_size), batch_size)
+                self._update(site.name, *depth_rows(site, x, g, batch_size), batch_size)
         self._seen += batch_size
         self._inputs.clear()
         self._grads.clear()

@@ -28,6 +28,7 @@ class GrowthConfig:
     strategy: str = "tiny"  # how new neurons are chosen: "tiny", "random", "gradmax"
     stat_samples: int = 4096  # samples of the last epoch whose moments drive a growth step
     folds: int = 4  # folds of those samples for the significance test
+    stat_rows_per_sample: int = 64  # conv sites: at most this many positions per sample (random)
     significance_z: float = 2.0  # held-out gain must exceed z standard errors
     patience: int = 3  # stop after this many steps in a row with no significant gain anywhere
     line_search_samples: int = 1024  # training samples the amplitude search evaluates on

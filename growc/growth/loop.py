@@ -189,7 +189,9 @@ def grow(
     while not state.finished:
         step = state.step
         seconds = {"train": 0.0, "statistics": 0.0, "solve": 0.0, "line_search": 0.0}
-        collector = StatisticsCollector(graph, sites, config.folds, config.stat_samples)
+        collector = StatisticsCollector(
+            graph, sites, config.folds, config.stat_samples, config.stat_rows_per_sample, config.seed + state.step
+        )
         train_loss = _train_phase(
             replicas.module(),
             train_loader,

@@ -19,7 +19,7 @@ from growc.growth.config import GrowthConfig
 from growc.growth.report import SiteGrowthRecord
 from growc.growth.train import LossFn, batch_loss
 from growc.tiny.significance import significant_neuron_count
-from growc.tiny.site_solution import SiteSolution, neurons_raw_gain, solve_site
+from growc.tiny.site_solution import SiteSolution, inverses, neurons_raw_gain, solve_site
 from growc.tiny.solver import Neurons
 from growc.tiny.statistics import MomentAccumulator, SiteMoments, input_mean, prepare_inputs
 from growc.tiny.strategies import Strategy
@@ -59,8 +59,9 @@ def assess_sites(
         if not _finite(raw):
             continue  # a NaN/inf gradient poisoned this site's statistics: no growth there this step
         moments = prepare_inputs(raw, mode)
-        solution = solve_site(moments, max_neurons=cap)
-        significance = significant_neuron_count(acc, cap, config.significance_z, mode)
+        shared = inverses(moments)
+        solution = solve_site(moments, max_neurons=cap, shared=shared)
+        significance = significant_neuron_count(acc, cap, config.significance_z, mode, shared)
         out.append(
             SiteAssessment(
                 site=site,

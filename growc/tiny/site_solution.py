@@ -10,11 +10,14 @@ from torch import Tensor
 from growc.tiny.solver import (
     BestUpdate,
     Neurons,
+    Whitening,
     best_neurons,
     best_update,
     bottleneck,
     projected_desired_update,
+    pseudo_inverse,
     raw_first_order_gain,
+    whitening,
 )
 from growc.tiny.statistics import SiteMoments
 
@@ -42,12 +45,29 @@ class SiteSolution:
         return out
 
 
-def solve_site(moments: SiteMoments, max_neurons: int | None = None) -> SiteSolution:
-    updates = tuple(best_update(c.s, c.m) for c in moments.consumers)
+@dataclass(frozen=True)
+class Inverses:
+    """The expensive part of a solve (eigen-decompositions), reusable across folds."""
+
+    whitening: Whitening  # of S'
+    consumer_pinvs: tuple[Tensor, ...]  # S^+ of each consumer
+
+
+def inverses(moments: SiteMoments) -> Inverses:
+    return Inverses(whitening(moments.s_prev), tuple(pseudo_inverse(c.s) for c in moments.consumers))
+
+
+def solve_site(moments: SiteMoments, max_neurons: int | None = None, shared: Inverses | None = None) -> SiteSolution:
+    """The site's best updates, bottleneck and neurons. With `shared`, the inverses of the second
+    moments are taken from there instead of being recomputed (the significance test solves the
+    same site on every fold: the inverses of all the data serve each fold, only M, P and C are
+    the fold's)."""
+    pinvs = shared.consumer_pinvs if shared is not None else (None,) * len(moments.consumers)
+    updates = tuple(best_update(c.s, c.m, pinv) for c, pinv in zip(moments.consumers, pinvs))
     n_matrix = torch.cat([projected_desired_update(c.p, c.c, u) for c, u in zip(moments.consumers, updates)], dim=1)
     return SiteSolution(
         updates=updates,
-        neurons=best_neurons(moments.s_prev, n_matrix, max_neurons),
+        neurons=best_neurons(moments.s_prev, n_matrix, max_neurons, shared.whitening if shared else None),
         n_matrix=n_matrix,
         bottleneck=sum(bottleneck(c.g_sq, u) for c, u in zip(moments.consumers, updates)),
         gradient_energy=sum(c.g_sq for c in moments.consumers),

@@ -72,8 +72,9 @@ class BestUpdate:
     first_order_gain: float  # tr(M^T S^+ M): decrease of E|v|^2, and d/d eps of -L at dW*
 
 
-def best_update(s: Tensor, m: Tensor) -> BestUpdate:
-    s_pinv_m = pseudo_inverse(s) @ _f64(m)
+def best_update(s: Tensor, m: Tensor, s_pinv: Tensor | None = None) -> BestUpdate:
+    """`s_pinv` may be given when it is already known (the same S for several M)."""
+    s_pinv_m = (pseudo_inverse(s) if s_pinv is None else s_pinv) @ _f64(m)
     gain = float((_f64(m) * s_pinv_m).sum())
     return BestUpdate(delta=-s_pinv_m.T, first_order_gain=max(gain, 0.0))
 
@@ -105,9 +106,10 @@ def projected_desired_update(p: Tensor, c: Tensor, update: BestUpdate) -> Tensor
     return -_f64(p) - _f64(c) @ update.delta.T
 
 
-def best_neurons(s_prev: Tensor, n: Tensor, max_neurons: int | None = None) -> Neurons:
-    """SVD of S'^(-1/2) N: the neurons that best fit v_perp from the producer's input b'."""
-    w = whitening(s_prev)
+def best_neurons(s_prev: Tensor, n: Tensor, max_neurons: int | None = None, white: Whitening | None = None) -> Neurons:
+    """SVD of S'^(-1/2) N: the neurons that best fit v_perp from the producer's input b'.
+    `white` may be given when the whitening of S' is already known."""
+    w = whitening(s_prev) if white is None else white
     z = w.matrix @ _f64(n)  # (r, out)
     if z.numel() == 0:
         empty = torch.zeros(s_prev.shape[0], 0, dtype=torch.float64)

@@ -78,11 +78,11 @@ class _Sums:
 
     def __init__(self) -> None:
         self.n = 0
-        self.samples = 0
+        self.samples = 0.0
         self.s_prev: Tensor | None = None
         self.consumers: list[list[Tensor]] = []  # per consumer: [s, m, c, p, g_sq]
 
-    def add(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: int) -> None:
+    def add(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: float) -> None:
         bp = b_prev.detach()
         terms = [bp.T @ bp]
         for b, g in pairs:
@@ -132,7 +132,7 @@ class MomentAccumulator:
     def fold_count(self) -> int:
         return len(self._folds)
 
-    def update(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: int | None = None) -> None:
+    def update(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: float | None = None) -> None:
         """Add one batch: `b_prev` (n, in'), and per consumer `(b (n, in), g (n, out))`; the rows
         come from `samples` data samples (default: one row each)."""
         self._folds[self._batches % len(self._folds)].add(b_prev, pairs, samples or b_prev.shape[0])
