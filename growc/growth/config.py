@@ -26,9 +26,10 @@ class GrowthConfig:
     trigger: str = "epochs"
     plateau_tolerance: float = 0.01
     strategy: str = "tiny"  # how new neurons are chosen: "tiny", "random", "gradmax"
-    stat_samples: int = 4096  # samples of the last epoch whose moments drive a growth step
+    stat_samples: int = 16384  # samples of the last epoch whose moments drive a growth step
     folds: int = 4  # folds of those samples for the significance test
-    stat_rows_per_sample: int = 64  # conv sites: at most this many positions per sample (random)
+    stat_rows_per_sample: int = 16  # conv sites: at most this many positions per sample (random)
+    ridge: float = 0.1  # shrinkage of the producer-input covariance before whitening (0: exact)
     significance_z: float = 2.0  # held-out gain must exceed z standard errors
     patience: int = 3  # stop after this many steps in a row with no significant gain anywhere
     line_search_samples: int = 1024  # training samples the amplitude search evaluates on

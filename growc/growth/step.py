@@ -16,6 +16,7 @@ from growc.graph.handlers import handler_for
 from growc.graph.rewrite import NewUnits, SiteGrowth, carry_optimizer_state, uncarry_optimizer_state
 from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_search
 from growc.growth.config import GrowthConfig
+from growc.growth.kinks import choose_signs, is_kinked, signed_gains
 from growc.growth.report import SiteGrowthRecord
 from growc.growth.train import LossFn, batch_loss
 from growc.tiny.significance import significant_neuron_count
@@ -59,7 +60,7 @@ def assess_sites(
         if not _finite(raw):
             continue  # a NaN/inf gradient poisoned this site's statistics: no growth there this step
         moments = prepare_inputs(raw, mode)
-        shared = inverses(moments)
+        shared = inverses(moments, config.ridge)
         solution = solve_site(moments, max_neurons=cap, shared=shared)
         significance = significant_neuron_count(acc, cap, config.significance_z, mode, shared)
         out.append(
@@ -234,6 +235,14 @@ def grow_site(
         fraction, predicted, restore_update = _apply_best_update(model, a, batch)
 
     neurons = strategy.propose(a.solution, a.moments, count, generator)
+    if is_kinked(a.site) and not getattr(strategy, "function_preserving", False):
+        rows = [u.delta.shape[0] for u in a.solution.updates]
+        gains = signed_gains(
+            model, a.site, neurons, a.mode, a.input_mean, rows, batch.inputs, batch.target, batch.loss_fn
+        )
+        neurons = choose_signs(gains, neurons)
+    if neurons.count == 0:
+        return _no_growth(a, loss_before - batch.loss(model), predicted, fraction, restore_update)
     dtype = next(model.parameters()).dtype
     units, scale = new_units(a, neurons, dtype)
     if depth:
@@ -284,6 +293,19 @@ def grow_site(
             restore_update()
 
     return record, undo
+
+
+def _no_growth(a: SiteAssessment, observed: float, predicted: float, fraction: float, restore_update) -> tuple:
+    record = SiteGrowthRecord(
+        site=a.site.name,
+        neurons=0,
+        predicted_gain=predicted,
+        observed_gain=observed,
+        gamma=0.0,
+        update_fraction=fraction,
+        significant=a.significant,
+    )
+    return record, (restore_update or (lambda: None))
 
 
 def _group_settings(optimizer: torch.optim.Optimizer) -> dict:

@@ -17,6 +17,7 @@ from growc.tiny.solver import (
     projected_desired_update,
     pseudo_inverse,
     raw_first_order_gain,
+    shrunk_whitening,
     whitening,
 )
 from growc.tiny.statistics import SiteMoments
@@ -53,8 +54,10 @@ class Inverses:
     consumer_pinvs: tuple[Tensor, ...]  # S^+ of each consumer
 
 
-def inverses(moments: SiteMoments) -> Inverses:
-    return Inverses(whitening(moments.s_prev), tuple(pseudo_inverse(c.s) for c in moments.consumers))
+def inverses(moments: SiteMoments, ridge: float = 0.0) -> Inverses:
+    """`ridge` > 0 shrinks S' before whitening it (see `shrunk_whitening`); 0 is the exact solve."""
+    white = shrunk_whitening(moments.s_prev, ridge, moments.has_ones) if ridge > 0 else whitening(moments.s_prev)
+    return Inverses(white, tuple(pseudo_inverse(c.s) for c in moments.consumers))
 
 
 def solve_site(moments: SiteMoments, max_neurons: int | None = None, shared: Inverses | None = None) -> SiteSolution:

@@ -59,6 +59,45 @@ def whitening(second_moment: Tensor, floor: float = RELATIVE_EIGEN_FLOOR) -> Whi
     return Whitening(matrix=matrix)
 
 
+def shrunk_whitening(
+    second_moment: Tensor, ridge: float, has_ones: bool, floor: float = RELATIVE_EIGEN_FLOOR
+) -> Whitening:
+    """Whitening of a shrunk second moment, for estimates from few samples in many dimensions.
+
+    The covariance gets `ridge` times its mean variance added on the diagonal (Ledoit-Wolf-style
+    shrinkage towards a multiple of the identity), which keeps directions of tiny variance (an
+    image's border pixels) from being blown up into noise. With `has_ones` the last coordinate is
+    the constant 1 (1 where the unit exists): it is handled exactly, apart from the covariance of
+    the centered others, so that neither the mean nor the units of the inputs matter.
+    """
+    s = _f64(second_moment)
+    s = 0.5 * (s + s.T)
+    if ridge <= 0 or s.shape[0] == 0:
+        return whitening(s, floor)
+    if has_ones:
+        a, e = s[:-1, -1], float(s[-1, -1])
+        if e <= 0:
+            return whitening(s, floor)
+        mean = a / e
+        cov = s[:-1, :-1] - torch.outer(a, a) / e
+    else:
+        cov = s
+    level = float(torch.diagonal(cov).clamp_min(0).mean())
+    if level <= 0:
+        return whitening(s, floor)
+    eigenvalues, eigenvectors = torch.linalg.eigh(
+        cov + ridge * level * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    )
+    keep = eigenvalues > floor * eigenvalues.max()
+    inner = (eigenvectors[:, keep] / eigenvalues[keep].sqrt()).T  # (r, d)
+    if not has_ones:
+        return Whitening(matrix=inner)
+    top = torch.cat([inner, -(inner @ mean)[:, None]], dim=1)  # whitens x - mean
+    last = torch.zeros(1, s.shape[0], dtype=s.dtype, device=s.device)
+    last[0, -1] = e**-0.5  # the constant, on its own
+    return Whitening(matrix=torch.cat([top, last], dim=0))
+
+
 def pseudo_inverse(second_moment: Tensor, floor: float = RELATIVE_EIGEN_FLOOR) -> Tensor:
     w = whitening(second_moment, floor).matrix
     return w.T @ w

@@ -36,12 +36,15 @@ class SiteMoments:
     s_prev: Tensor  # E[b' b'^T]  (in', in')
     consumers: tuple[ConsumerMoments, ...]
     rows_per_sample: float = 1.0
+    has_ones: bool = True  # the last coordinate of b' is the constant (see prepare_inputs)
 
-    def with_prev(self, s_prev: Tensor, c: list[Tensor], p: list[Tensor]) -> SiteMoments:
+    def with_prev(self, s_prev: Tensor, c: list[Tensor], p: list[Tensor], has_ones: bool) -> SiteMoments:
         consumers = tuple(
             ConsumerMoments(s=k.s, m=k.m, c=ci, p=pi, g_sq=k.g_sq) for k, ci, pi in zip(self.consumers, c, p)
         )
-        return SiteMoments(n=self.n, s_prev=s_prev, consumers=consumers, rows_per_sample=self.rows_per_sample)
+        return SiteMoments(
+            n=self.n, s_prev=s_prev, consumers=consumers, rows_per_sample=self.rows_per_sample, has_ones=has_ones
+        )
 
 
 def prepare_inputs(moments: SiteMoments, mode: str) -> SiteMoments:
@@ -56,14 +59,14 @@ def prepare_inputs(moments: SiteMoments, mode: str) -> SiteMoments:
     if mode == "affine":
         return moments
     if mode == "linear":
-        return moments.with_prev(s[:-1, :-1], [c[:-1] for c in cs], [p[:-1] for p in ps])
+        return moments.with_prev(s[:-1, :-1], [c[:-1] for c in cs], [p[:-1] for p in ps], has_ones=False)
     if mode != "centered":
         raise ValueError(f"unknown input mode {mode}")
     a, e = s[:-1, -1], s[-1, -1].clamp_min(1e-300)
     m = a / e
     s_c = s[:-1, :-1] - torch.outer(a, a) / e
     return moments.with_prev(
-        s_c, [c[:-1] - torch.outer(m, c[-1]) for c in cs], [p[:-1] - torch.outer(m, p[-1]) for p in ps]
+        s_c, [c[:-1] - torch.outer(m, c[-1]) for c in cs], [p[:-1] - torch.outer(m, p[-1]) for p in ps], has_ones=False
     )
 
 

@@ -1,0 +1,63 @@
+"""`python -m benchmarks SUITE [--device cpu|cuda] [--seeds N] [--quick] [--out DIR] [--data-dir DIR]`
+
+Suites: overhead (growth cost per step relative to a training epoch), mnist-mlp (the paper's MNIST
+MLP experiment: TINY vs random vs GradMax growth, retrained and large fixed baselines).
+Each suite writes SUITE.md, SUITE.json and SUITE.png (SUITE-quick.* with --quick) into --out and
+prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import mnist_mlp, overhead
+from benchmarks.common import DEFAULT_DATA_DIR, DEFAULT_OUT, MissingData
+
+SUITES = {
+    "overhead": (overhead, "growth overhead per step relative to one training epoch (MNIST MLP, CIFAR-10 CNN)"),
+    "mnist-mlp": (mnist_mlp, "MNIST MLP grown from [1, 1]: tiny vs random vs gradmax, retrained, [1000, 1000]"),
+}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--seeds", type=int, default=None, help="run seeds (repeats); medians are reported")
+    parser.add_argument("--quick", action="store_true", help="data subsets and a smaller budget, for a smoke run")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"folder holding mnist.npz and cifar10-40k-jpeg.npz (default {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    for name, (module, help_text) in SUITES.items():
+        suite_parser = sub.add_parser(name, help=help_text, description=module.__doc__)
+        _common(suite_parser)
+        module.add_arguments(suite_parser)
+    args = parser.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    module, _ = SUITES[args.suite]
+    try:
+        return module.run(args)
+    except MissingData as exc:
+        print(f"python -m benchmarks {args.suite}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
