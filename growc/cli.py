@@ -282,7 +282,10 @@ def export(
         float, typer.Option(help="largest accuracy loss of the int8 file, in accuracy points")
     ] = 0.5,
     data: Annotated[
-        str, typer.Option(help="validation/calibration data: digits, mnist:PATH, cifar10:PATH, mnist1d")
+        str,
+        typer.Option(
+            help="validation/calibration data: digits, mnist:PATH, cifar10:PATH, mnist1d, or a model file's data() (MODEL.py)"
+        ),
     ] = "digits",
     preprocessing: Annotated[
         Optional[str], typer.Option(help="how inputs are prepared, for the model card (default: the data set's)")

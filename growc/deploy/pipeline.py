@@ -54,10 +54,27 @@ class DeployResult:
     standalone: Path | None = None
 
 
+def _load_data(data: str) -> tuple:
+    """A built-in set (NAME or NAME:PATH), or the `data()` of a model file (a path ending in .py)."""
+    if data.endswith(".py"):
+        from growc.userfile import load_user_data, load_user_file
+
+        user = load_user_file(data)
+        if user.data is None:
+            raise GrowcError(f"{data} defines no `data()`: name a built-in set with --data instead")
+        return load_user_data(user)
+    return load_builtin(data)
+
+
+def _as_dataset(data):
+    """The Dataset behind a DataLoader (its own batching is not needed here)."""
+    return data.dataset if isinstance(data, DataLoader) else data
+
+
 def _take(dataset, limit: int) -> tuple[list[Tensor], Tensor | None]:
     """Up to `limit` samples of a data set as input tensors and labels."""
     inputs, labels, count = [], [], 0
-    for batch in DataLoader(dataset, batch_size=512, shuffle=False):
+    for batch in DataLoader(_as_dataset(dataset), batch_size=512, shuffle=False):
         *xs, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
         inputs.append(xs)
         labels.append(y)
@@ -115,7 +132,7 @@ def export_checkpoint(
     out = Path(out) if out is not None else checkpoint.parent / "deploy"
     meta = read_metadata(checkpoint)
     model = load(checkpoint)
-    train, val = load_builtin(data)
+    train, val = _load_data(data)
     val_inputs, val_labels = _take(val, VAL_SAMPLES)
     try:
         with torch.no_grad():
@@ -145,7 +162,8 @@ def export_checkpoint(
         latency=measure_latency(frozen, onnx_path, val_inputs, repeats=latency_repeats),
     )
     text = preprocessing or PREPROCESSING.get(data.partition(":")[0], "")
-    growth_report = meta["extra"].get("report")
+    extra = meta["extra"]
+    growth_report = extra.get("report") or extra.get("run", {}).get("report")
     common = {"checkpoint": str(checkpoint), "data": data, "onnx_max_abs_diff": exported.max_abs_diff}
     result.cards.append(
         write_card(
