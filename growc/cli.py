@@ -102,6 +102,24 @@ class RichObserver:
             console.print(text)
 
 
+def summary_table(report: dict) -> Table:
+    """Each site's width from start to end; parameters, multiply-adds and accuracy before and after."""
+    final = report.get("final", {})
+    table = Table(title="growth summary", title_justify="left")
+    for column in ("", "start", "end"):
+        table.add_column(column, justify="right" if column else "left")
+    start_widths = final.get("initial_widths", {})
+    for site, width in final.get("widths", {}).items():
+        table.add_row(f"width of {site}", str(start_widths.get(site, 0)), str(width))
+    table.add_row("parameters", f"{final.get('initial_params', 0):,}", f"{final.get('final_params', 0):,}")
+    if "initial_flops" in final:
+        table.add_row("multiply-adds / sample", f"{final['initial_flops']:,}", f"{final['final_flops']:,}")
+    first, last = final.get("first_val_accuracy"), final.get("final_val_accuracy")
+    if first is not None and last is not None:
+        table.add_row("validation accuracy", f"{first:.2%}", f"{last:.2%}")
+    return table
+
+
 def _terminate_as_interrupt() -> None:
     """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C: a message, the last step's
     checkpoint kept (checkpoints are written atomically after every step)."""
@@ -199,6 +217,8 @@ def grow(
     if environment_rank() != 0:
         return
     final = result.report.final
+    if not quiet:
+        console.print(summary_table(result.report.to_dict()))
     acc = final.get("final_val_accuracy")
     console.print(
         f"[bold green]done[/]: {final['initial_params']:,} -> {final['final_params']:,} parameters, "
@@ -268,6 +288,10 @@ def report(out: Annotated[Path, typer.Argument(help="a growth run's output folde
             grown,
         )
     console.print(table)
+    if data.get("final"):
+        console.print(summary_table(data))
+    else:
+        console.print("[yellow]the run has not finished: its last completed step is above[/]")
     if data.get("stop_reason"):
         console.print(f"stopped: {data['stop_reason']}")
 

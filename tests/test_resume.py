@@ -151,3 +151,12 @@ def test_non_finite_training_loss_is_a_clear_error():
         model[0].weight.fill_(float("inf"))
     with pytest.raises(GrowcError, match="lower the learning rate"):
         grow(model, train, val, F.cross_entropy, growc.GrowthConfig(steps=2, final_epochs=0))
+
+
+def test_growth_never_raises_the_loss_at_the_moment_it_is_applied():
+    model, train, val = _setup(seed=3)
+    result = grow(model, train, val, F.cross_entropy, growc.GrowthConfig(steps=8, final_epochs=0, seed=3))
+    grown = [g for s in result.report.steps for g in s.grown]
+    assert sum(g.neurons for g in grown) > 0
+    # observed_gain = line-search loss before the step's change at the site minus after it.
+    assert all(g.observed_gain >= -1e-6 for g in grown), [g.observed_gain for g in grown]

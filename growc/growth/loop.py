@@ -168,7 +168,11 @@ def grow(
         restore_random_states(state_tensors, train_loader, generator)
         observer.message(f"resumed from {checkpoint} at step {state.step}")
     else:
-        state = RunState(initial_params=parameter_count(graph), report=GrowthReport(config=config.as_dict()))
+        state = RunState(
+            initial_params=parameter_count(graph),
+            initial_flops=multiply_adds(graph, [x[:1] for x in search_batch.inputs]),
+            report=GrowthReport(config=config.as_dict()),
+        )
         state.final = config.steps == 0  # with no growth step asked for, the first phase is the final one
     report = state.report
     observer.run_start(sites, parameter_count(graph))
@@ -225,7 +229,7 @@ def grow(
         report.steps.append(record)
         if state.final:
             state.finished = True
-            report.final = _final_block(state, graph, sites, record)
+            report.final = _final_block(state, graph, sites, record, search_batch)
             save()
             observer.step_end(record)
             break
@@ -248,10 +252,15 @@ def grow(
     return GrowthResult(model=graph, user_model=user_model, report=report)
 
 
-def _final_block(state: RunState, graph: fx.GraphModule, sites: list, last: StepRecord) -> dict:
+def _final_block(state: RunState, graph: fx.GraphModule, sites: list, last: StepRecord, batch: LineSearchBatch) -> dict:
+    first = state.report.steps[0]
     return {
         "initial_params": state.initial_params,
         "final_params": parameter_count(graph),
+        "initial_flops": state.initial_flops,
+        "final_flops": multiply_adds(graph, [x[:1] for x in batch.inputs]),
+        "initial_widths": first.widths,
+        "first_val_accuracy": first.val_accuracy,
         "final_val_accuracy": last.val_accuracy,
         "final_val_loss": last.val_loss,
         "widths": widths(graph, sites),

@@ -26,6 +26,7 @@ class RunState:
     finished: bool = False
     barren: int = 0  # consecutive steps with no significant gain anywhere
     initial_params: int = 0
+    initial_flops: int = 0  # multiply-adds per sample before growth
     elapsed: float = 0.0  # seconds spent in earlier sessions of this run
     report: GrowthReport = field(default_factory=lambda: GrowthReport(config={}))
 
