@@ -176,3 +176,82 @@ def test_sites_the_finder_must_leave_alone():
     assert "a" in skipped and "combined" in skipped["a"]
     assert "b" in skipped and "grouped" in skipped["b"]
     assert not report.sites
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.Conv2d(3, 4, (3, 5), dilation=(2, 1), padding=(0, 2)),
+    ],
+)
+def test_patches_at_a_few_positions_equal_the_unfolded_ones(conv):
+    from growc.graph.handlers import conv_output_size
+    from growc.graph.samples import patches_at
+
+    x = torch.randn(2, 3, 11, 9)
+    out_h, out_w = conv_output_size(conv, (11, 9))
+    full = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride).view(
+        2, -1, out_h, out_w
+    )
+    rows, cols = torch.tensor([0, out_h - 1, 1]), torch.tensor([out_w - 1, 0, 1])
+    mine = patches_at(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation, rows, cols)
+    torch.testing.assert_close(mine, full[:, :, rows, cols].permute(0, 2, 1).reshape(-1, full.shape[1]))
+
+
+def test_sampled_positions_keep_per_sample_scale_and_agree_with_all_positions():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 4)
+    ).double()
+    x, y = _images(n=2000, seed=3)
+    site = next(s for s in find_width_sites(trace(model)).sites if s.producer == "0")
+    moments = {}
+    for rows in (None, 16):
+        collector = StatisticsCollector(model, [site], folds=1, rows_per_sample=rows)
+        with collector:
+            for i in range(0, 2000, 50):
+                model.zero_grad()
+                F.cross_entropy(model(x[i : i + 50]), y[i : i + 50]).backward()
+                collector.accumulate(50)
+        moments[rows] = collector.accumulators[site.name].total()
+    assert moments[16].rows_per_sample == pytest.approx(64)
+    assert moments[16].n == 2000 * 16
+    # A quarter of the positions: the means agree to sampling accuracy.
+    torch.testing.assert_close(moments[16].s_prev, moments[None].s_prev, rtol=0.1, atol=0.05)
+
+
+@pytest.mark.parametrize("pool", [None, nn.MaxPool2d(2), nn.AvgPool2d(3, 2, 1)])
+def test_sampled_rows_equal_the_full_rows_at_the_same_positions(pool):
+    from growc.graph.samples import producer_rows, sampled_conv_rows
+
+    torch.manual_seed(4)
+    layers = (
+        [nn.Conv2d(2, 3, 3, padding=1), nn.ReLU()]
+        + ([pool] if pool else [])
+        + [nn.Conv2d(3, 4, 3, padding=1), nn.Flatten()]
+    )
+    model = nn.Sequential(*layers)
+    site = find_width_sites(trace(model)).sites[0]
+    x = torch.randn(5, 2, 9, 9)
+    hidden = model[:-2](x)
+    grad = torch.randn_like(model[-2](hidden))
+    consumer = str(len(layers) - 2)
+    positions = grad.shape[-2] * grad.shape[-1] - 1
+    b_prev, pairs, samples = sampled_conv_rows(
+        site, model, {"0": x, consumer: hidden}, {consumer: grad}, 5, positions, torch.Generator().manual_seed(0)
+    )
+    chosen = torch.randperm(positions + 1, generator=torch.Generator().manual_seed(0))[:positions]
+    full = producer_rows(site, model, x)
+    torch.testing.assert_close(b_prev, full.view(5, positions + 1, -1)[:, chosen].reshape(-1, full.shape[1]))
+    assert samples == pytest.approx(5 * positions / (positions + 1))
+
+
+def test_mean_patch_equals_the_mean_of_unfolded_patches():
+    from growc.graph.handlers import Conv2dHandler
+    from growc.graph.samples import mean_patch
+
+    conv = nn.Conv2d(3, 4, (3, 2), stride=2, padding=1, dilation=(1, 2))
+    x = torch.randn(2, 3, 9, 8)
+    torch.testing.assert_close(mean_patch(conv, x), Conv2dHandler().patches(conv, x).mean((2, 3)))

@@ -46,6 +46,8 @@ def producer_rows(site: WidthSite, root: nn.Module, x_prev: Tensor) -> Tensor:
     consumer = root.get_submodule(site.consumers[0])
     if isinstance(producer, nn.Linear):
         return _with_ones(handler_for(producer).input_rows(producer, x_prev))
+    if site.spatial and not site.pools:
+        return _with_ones(mean_patch(producer, x_prev))
     patches = _pool_map(_CONV.patches(producer, x_prev), site.pools)  # (B, d, H, W)
     batch, d, height, width = patches.shape
     if site.spatial:
@@ -80,6 +82,22 @@ def depth_rows(
     return _with_ones(rows), [(rows.new_zeros(rows.shape[0], 0), g * batch_size)]
 
 
+def mean_patch(layer: nn.Conv2d, x: Tensor) -> Tensor:
+    """(B, C * kh * kw): the mean over output positions of the unfolded patches, from one strided
+    slice of the padded input per kernel tap instead of the whole unfolded map."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    out_h, out_w = conv_output_size(layer, x.shape[-2:])
+    padded = F.pad(x, (pw, pw, ph, ph))
+    taps = [
+        padded[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw].mean(
+            dim=(2, 3)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return torch.stack(taps, dim=2).reshape(x.shape[0], -1)  # channel-major, like F.unfold
+
+
 def consumer_rows(root: nn.Module, name: str, x: Tensor, g: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
     """(b, g) rows of a consumer: its input (bias column appended when it has a bias) and the
     per-sample gradient at its output (the batch-mean loss's gradient times the batch size)."""
@@ -89,3 +107,95 @@ def consumer_rows(root: nn.Module, name: str, x: Tensor, g: Tensor, batch_size: 
     if handler.has_bias(consumer):
         b = _with_ones(b)
     return b, handler.output_rows(consumer, g) * batch_size
+
+
+def patches_at(x: Tensor, kernel, stride, padding, dilation, rows: Tensor, cols: Tensor) -> Tensor:
+    """(B * P, C * kh * kw): the unfolded patches at output positions (rows[p], cols[p]) only, in
+    the layout `F.unfold` gives, rows ordered by sample then position. Reading a few positions
+    this way costs a few positions, not the whole map."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    padded = F.pad(x, (pw, pw, ph, ph))
+    r = rows[:, None, None] * sh + torch.arange(kh, device=x.device)[None, :, None] * dh
+    c = cols[:, None, None] * sw + torch.arange(kw, device=x.device)[None, None, :] * dw
+    patches = padded[:, :, r, c]  # (B, C, P, kh, kw)
+    return patches.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1] * kh * kw)
+
+
+def _geometry(layer: nn.Conv2d) -> tuple:
+    return layer.kernel_size, layer.stride, layer.padding, layer.dilation
+
+
+def sampled_conv_rows(
+    site,
+    root: nn.Module,
+    inputs: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    batch_size: int,
+    positions: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, list[tuple[Tensor, Tensor]], float] | None:
+    """A conv site's rows at `positions` random output positions (the same for the whole batch),
+    built without unfolding whole maps; None where this does not apply (linear sites, pooling or
+    flattening on the way, maps with fewer positions) and the full rows are used instead.
+    Returns (b', [(b, g)], samples) with `samples` scaled so that rows per sample stays the map's
+    true number of positions."""
+    if isinstance(site, DepthSite):
+        if not site.conv:
+            return None
+        x, grad = inputs[site.consumer], grads.get(f"input:{site.consumer}")
+        if grad is None:
+            return None
+        height, width = x.shape[-2:]
+        total = height * width
+        if total <= positions:
+            return None
+        index = torch.randperm(total, generator=generator)[:positions].to(x.device)
+        rows, cols = index // width, index % width
+        pad = BLOCK_KERNEL // 2
+        b_prev = patches_at(x, (BLOCK_KERNEL,) * 2, (1, 1), (pad, pad), (1, 1), rows, cols)
+        g = grad[:, :, rows, cols].permute(0, 2, 1).reshape(-1, grad.shape[1]) * batch_size
+        return _with_ones(b_prev), [(b_prev.new_zeros(b_prev.shape[0], 0), g)], batch_size * positions / total
+    producer = root.get_submodule(site.producer)
+    consumers = [root.get_submodule(c) for c in site.consumers]
+    pools = site.pools
+    if not isinstance(producer, nn.Conv2d) or site.spatial or len(pools) > 1 or (pools and pools[0][0] != "window"):
+        return None
+    consumer = consumers[0]
+    grad = grads[site.consumers[0]]
+    out_h, out_w = grad.shape[-2:]
+    total = out_h * out_w
+    if total <= positions:
+        return None
+    index = torch.randperm(total, generator=generator)[:positions].to(grad.device)
+    q_rows, q_cols = index // out_w, index % out_w
+    # The producer position each sampled consumer output reads the new channel at (centre tap).
+    # Through a pooling window the consumer reads pooled position r: the new channel there is
+    # the average over the window's producer positions (zero padding counted, as avg_pool2d).
+    x_prev = inputs[site.producer]
+    p_height, p_width = conv_output_size(producer, x_prev.shape[-2:])
+    kernel, stride, padding = pools[0][1:] if pools else ((1, 1), (1, 1), (0, 0))
+    read_h = (p_height + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    read_w = (p_width + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    taps = centre_tap(consumer)
+    r_rows = q_rows * consumer.stride[0] - consumer.padding[0] + consumer.dilation[0] * taps[0]
+    r_cols = q_cols * consumer.stride[1] - consumer.padding[1] + consumer.dilation[1] * taps[1]
+    read = (r_rows >= 0) & (r_rows < read_h) & (r_cols >= 0) & (r_cols < read_w)
+    batch = x_prev.shape[0]
+    b_prev = 0.0
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            p_rows = r_rows * stride[0] - padding[0] + i
+            p_cols = r_cols * stride[1] - padding[1] + j
+            valid = read & (p_rows >= 0) & (p_rows < p_height) & (p_cols >= 0) & (p_cols < p_width)
+            at = patches_at(x_prev, *_geometry(producer), p_rows.clamp(0, p_height - 1), p_cols.clamp(0, p_width - 1))
+            b_prev = b_prev + at * valid.to(at.dtype).repeat(batch)[:, None]
+    mask = read.to(x_prev.dtype).repeat(batch)[:, None]
+    b_prev = _with_ones(b_prev / (kernel[0] * kernel[1]), mask)
+    pairs = []
+    for name, layer in zip(site.consumers, consumers):
+        b = patches_at(inputs[name], *_geometry(layer), q_rows, q_cols)
+        if layer.bias is not None:
+            b = _with_ones(b)
+        g = grads[name][:, :, q_rows, q_cols].permute(0, 2, 1).reshape(-1, grads[name].shape[1]) * batch_size
+        pairs.append((b, g))
+    return b_prev, pairs, batch_size * positions / total

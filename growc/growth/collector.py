@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from growc.graph.candidates import WidthSite
 from growc.graph.depth import DepthSite
-from growc.graph.samples import consumer_rows, depth_rows, producer_rows
+from growc.graph.samples import consumer_rows, depth_rows, producer_rows, sampled_conv_rows
 from growc.tiny.statistics import MomentAccumulator
 
 
@@ -47,6 +47,20 @@ class StatisticsCollector:
         # bounds the cost of a step by the number of samples, not the feature maps' size.
         self.rows_per_sample = rows_per_sample
         self._generator = torch.Generator().manual_seed(seed)
+
+    def _sampled(self, site, grads: dict[str, Tensor], batch_size: int) -> bool:
+        """Conv sites on big maps: rows at a few random positions, read without unfolding the
+        whole maps. False where the full rows are needed (or cheap)."""
+        if self.rows_per_sample is None:
+            return False
+        rows = sampled_conv_rows(
+            site, self.root, self._inputs, grads, batch_size, self.rows_per_sample, self._generator
+        )
+        if rows is None:
+            return False
+        b_prev, pairs, samples = rows
+        self.accumulators[site.name].update(b_prev, pairs, samples)
+        return True
 
     def _update(self, name: str, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], batch_size: int) -> None:
         rows = b_prev.shape[0]
@@ -110,14 +124,17 @@ class StatisticsCollector:
             self._grads.clear()
             self._input_grads.clear()
             return
+        grads = {**self._grads, **{f"input:{k}": v for k, v in self._input_grads.items()}}
         for site in self._width:
             if site.producer not in self._inputs or any(c not in self._grads for c in site.consumers):
+                continue
+            if self._sampled(site, grads, batch_size):
                 continue
             b_prev = producer_rows(site, self.root, self._inputs[site.producer])
             pairs = [consumer_rows(self.root, c, self._inputs[c], self._grads[c], batch_size) for c in site.consumers]
             self._update(site.name, b_prev, pairs, batch_size)
         for site in self._depth:
-            if site.consumer in self._input_grads:
+            if site.consumer in self._input_grads and not self._sampled(site, grads, batch_size):
                 x, g = self._inputs[site.consumer], self._input_grads[site.consumer]
                 self._update(site.name, *depth_rows(site, x, g, batch_size), batch_size)
         self._seen += batch_size
