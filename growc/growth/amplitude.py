@@ -6,9 +6,9 @@ import math
 from collections.abc import Callable, Sequence
 
 #: Amplitudes tried for new neurons, relative to "as large as a typical existing neuron".
-NEURON_AMPLITUDES: tuple[float, ...] = (0.0, 1 / 32, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
+NEURON_AMPLITUDES: tuple[float, ...] = (0.0, 1 / 16, 1 / 4, 1 / 2, 1.0, 2.0)
 #: Sizes tried for the best update of existing weights, relative to the weights' norm.
-UPDATE_FRACTIONS: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1)
+UPDATE_FRACTIONS: tuple[float, ...] = (0.0, 0.01, 0.1)
 
 
 def line_search(

@@ -32,7 +32,7 @@ class GrowthConfig:
     ridge: float = 0.1  # shrinkage of the producer-input covariance before whitening (0: exact)
     significance_z: float = 2.0  # held-out gain must exceed z standard errors
     patience: int = 3  # stop after this many steps in a row with no significant gain anywhere
-    line_search_samples: int = 1024  # training samples the amplitude search evaluates on
+    line_search_samples: int = 512  # training samples the amplitude search evaluates on
     max_new_per_site: int | None = None  # per step; default: the site's current width, at least 4
     update_existing: bool = True  # also apply the best update of the consumers' weights
     # Also consider new residual blocks on the edges into layers. Off by default: a block ties its
