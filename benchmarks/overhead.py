@@ -301,7 +301,9 @@ def run(args: argparse.Namespace) -> int:
             "lr": args.lr,
             "mlp_widths": args.mlp_widths,
             "cnn_widths": args.cnn_widths,
-            "growth_config": GrowthConfig(steps=1, epochs=1, final_epochs=0).as_dict(),
+            "growth_config": GrowthConfig(  # as run; the seed is each repeat's
+                steps=1, epochs=1, final_epochs=0, batch_size=args.batch_size, lr=args.lr, device=args.device
+            ).as_dict(),
         },
         "results": results,
     }
