@@ -18,6 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import fx, nn
 
 from growc.errors import CheckpointError
+from growc.graph.handlers import sync_sizes
 from growc.graph.serialize import UnserializableModel, architecture, rebuild
 
 FORMAT = "growc-checkpoint/1"
@@ -112,6 +113,5 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
             else:
                 owner.register_buffer(attr, value.clone())
         for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.out_features, module.in_features = module.weight.shape
+            sync_sizes(module)  # in/out_features, channels, num_features follow the loaded shapes
     return model
