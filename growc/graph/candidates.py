@@ -105,6 +105,18 @@ def _pool_spec(gm: fx.GraphModule, node: fx.Node) -> tuple:
     return ("window", _pair(kernel), _pair(stride), _pair(padding))
 
 
+def _is_global_mean(node: fx.Node) -> bool:
+    """x.mean((2, 3)) or torch.mean(x, (-2, -1)): global average pooling and flattening in one."""
+    if not (
+        (node.op == "call_method" and node.target == "mean")
+        or (node.op == "call_function" and node.target is torch.mean)
+    ):
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return not keepdim and isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
+
+
 def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Flattening (B, C, ...) to (B, features), channel-major: what a linear layer after convs reads."""
     if node.op == "call_module":
@@ -173,6 +185,10 @@ def _follow(gm: fx.GraphModule, start: fx.Node, conv: bool) -> tuple[dict, str |
                 frontier.append((user, "pooled"))
                 continue
             if flatten:
+                frontier.append((user, "flat"))
+                continue
+            if conv and stage != "flat" and _is_global_mean(user):
+                found["pools"].append(("adaptive", (1, 1)))
                 frontier.append((user, "flat"))
                 continue
             is_elementwise, slope = elementwise_slope(gm, user)
