@@ -174,12 +174,12 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     if "mlp" in args.models:
         path = data_file(args.data_dir, MNIST_FILE)
         train, val = mnist(path=str(path))
-        widths = args.mlp_widths
+        mlp_widths = list(args.mlp_widths)  # own name: the lambda must not see the CNN's widths
         cases.append(
             Case(
                 name="mnist-mlp",
-                description=f"MNIST MLP 784-{'-'.join(map(str, widths))}-10",
-                build=lambda: mlp(widths),
+                description=f"MNIST MLP 784-{'-'.join(map(str, mlp_widths))}-10",
+                build=lambda: mlp(mlp_widths),
                 train=subset(train, train_limit["mlp"]),
                 val=subset(val, 1000),
             )
@@ -188,14 +188,14 @@ def _cases(args: argparse.Namespace) -> list[Case]:
         path = data_file(args.data_dir, CIFAR_FILE)
         log("decoding the CIFAR-10 JPEGs (a few seconds)")
         train, val = cifar10(path=str(path))
-        widths = args.cnn_widths
-        if len(widths) != 3:
-            raise SystemExit(f"--cnn-widths takes three channel counts, got {len(widths)}")
+        cnn_widths = list(args.cnn_widths)
+        if len(cnn_widths) != 3:
+            raise SystemExit(f"--cnn-widths takes three channel counts, got {len(cnn_widths)}")
         cases.append(
             Case(
                 name="cifar-cnn",
-                description=f"CIFAR-10 CNN conv {'-'.join(map(str, widths))} (BN) + linear",
-                build=lambda: small_cnn(widths),
+                description=f"CIFAR-10 CNN conv {'-'.join(map(str, cnn_widths))} (BN) + linear",
+                build=lambda: small_cnn(cnn_widths),
                 train=subset(train, train_limit["cnn"]),
                 val=subset(val, 1000),
             )
