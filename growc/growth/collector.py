@@ -17,6 +17,13 @@ from growc.graph.depth import DepthSite
 from growc.graph.samples import consumer_rows, depth_rows, producer_rows, sampled_conv_rows
 from growc.tiny.statistics import MomentAccumulator
 
+#: Producer inputs at least this wide have S' estimated from every 4th row (see MomentAccumulator).
+WIDE_INPUT = 256
+
+
+def _prev_stride(b_prev: Tensor) -> int:
+    return 4 if b_prev.shape[1] >= WIDE_INPUT else 1
+
 
 class StatisticsCollector:
     def __init__(
@@ -59,7 +66,7 @@ class StatisticsCollector:
         if rows is None:
             return False
         b_prev, pairs, samples = rows
-        self.accumulators[site.name].update(b_prev, pairs, samples)
+        self.accumulators[site.name].update(b_prev, pairs, samples, _prev_stride(b_prev))
         return True
 
     def _update(self, name: str, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], batch_size: int) -> None:
@@ -70,7 +77,7 @@ class StatisticsCollector:
             index = torch.randperm(rows, generator=self._generator)[:keep].to(b_prev.device)
             b_prev, pairs = b_prev[index], [(b[index], g[index]) for b, g in pairs]
             samples = batch_size * keep / rows  # rows per sample stays the true positions per sample
-        self.accumulators[name].update(b_prev, pairs, samples)
+        self.accumulators[name].update(b_prev, pairs, samples, _prev_stride(b_prev))
 
     def reset(self) -> None:
         """Forget what was gathered (a new epoch may be the last before growth)."""

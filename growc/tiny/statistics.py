@@ -85,9 +85,10 @@ class _Sums:
         self.s_prev: Tensor | None = None
         self.consumers: list[list[Tensor]] = []  # per consumer: [s, m, c, p, g_sq]
 
-    def add(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: float) -> None:
+    def add(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: float, prev_stride: int = 1) -> None:
         bp = b_prev.detach()
-        terms = [bp.T @ bp]
+        sub = bp[::prev_stride]  # S' from every k-th row, scaled: an unbiased sum at 1/k the cost
+        terms = [(sub.T @ sub) * (bp.shape[0] / max(sub.shape[0], 1))]
         for b, g in pairs:
             b, g = b.detach(), g.detach()
             terms += [b.T @ b, b.T @ g, bp.T @ b, bp.T @ g, (g * g).sum().reshape(())]
@@ -135,10 +136,14 @@ class MomentAccumulator:
     def fold_count(self) -> int:
         return len(self._folds)
 
-    def update(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: float | None = None) -> None:
+    def update(
+        self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: float | None = None, prev_stride: int = 1
+    ) -> None:
         """Add one batch: `b_prev` (n, in'), and per consumer `(b (n, in), g (n, out))`; the rows
-        come from `samples` data samples (default: one row each)."""
-        self._folds[self._batches % len(self._folds)].add(b_prev, pairs, samples or b_prev.shape[0])
+        come from `samples` data samples (default: one row each). With `prev_stride` k, S' is
+        estimated from every k-th row: for a wide input (MNIST's 785) it is the costliest
+        product by far, and the one that needs the fewest samples (it is also shrunk before use)."""
+        self._folds[self._batches % len(self._folds)].add(b_prev, pairs, samples or b_prev.shape[0], prev_stride)
         self._batches += 1
 
     def total(self) -> SiteMoments:
