@@ -46,8 +46,8 @@ def producer_rows(site: WidthSite, root: nn.Module, x_prev: Tensor) -> Tensor:
     consumer = root.get_submodule(site.consumers[0])
     if isinstance(producer, nn.Linear):
         return _with_ones(handler_for(producer).input_rows(producer, x_prev))
-    if site.spatial and not site.pools:
-        return _with_ones(mean_patch(producer, x_prev))
+    if site.spatial and all(spec == ("adaptive", (1, 1)) for spec in site.pools):
+        return _with_ones(mean_patch(producer, x_prev))  # global pooling or none: the mean patch
     patches = _pool_map(_CONV.patches(producer, x_prev), site.pools)  # (B, d, H, W)
     batch, d, height, width = patches.shape
     if site.spatial:
