@@ -152,6 +152,8 @@ def grow(
         graph.to(device)
         saved = (state_tensors, extra)
     else:
+        if resume:
+            observer.message(f"no checkpoint at {checkpoint} to resume from: starting a new run")
         graph = trace(user_model, leaf_modules, concrete_args)
     sites = _all_sites(graph, config)
     if not sites:
