@@ -52,23 +52,23 @@ NoneType = type(None)
 device = torch.device
 
 
-def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     *parents, leaf = path.split(".")
     owner = root
     for part in parents:
         if not hasattr(owner, part):
             owner.add_module(part, nn.Module())
         owner = getattr(owner, part)
+    return owner, leaf
+
+
+def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+    owner, leaf = _owner(root, path)
     owner.add_module(leaf, module)
 
 
 def _attach_buffer(root: nn.Module, path: str, tensor: torch.Tensor) -> None:
-    *parents, leaf = path.split(".")
-    owner = root
-    for part in parents:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
+    owner, leaf = _owner(root, path)
     owner.register_buffer(leaf, tensor)
 
 '''

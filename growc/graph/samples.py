@@ -125,6 +125,22 @@ def _geometry(layer: nn.Conv2d) -> tuple:
     return layer.kernel_size, layer.stride, layer.padding, layer.dilation
 
 
+def _sample_positions(grad: Tensor, positions: int, generator: torch.Generator) -> tuple[Tensor, Tensor, float] | None:
+    """`positions` random positions of `grad`'s map, the same for the whole batch: (rows, cols,
+    the fraction of the map they are); None when the map has no more positions than that."""
+    height, width = grad.shape[-2:]
+    total = height * width
+    if total <= positions:
+        return None
+    index = torch.randperm(total, generator=generator)[:positions].to(grad.device)
+    return index // width, index % width, positions / total
+
+
+def _rows_at(maps: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """(B * P, C): a (B, C, H, W) tensor read at P positions, rows ordered by sample then position."""
+    return maps[:, :, rows, cols].permute(0, 2, 1).reshape(-1, maps.shape[1])
+
+
 def sampled_conv_rows(
     site,
     root: nn.Module,
@@ -145,29 +161,24 @@ def sampled_conv_rows(
         x, grad = inputs[site.consumer], grads.get(f"input:{site.consumer}")
         if grad is None:
             return None
-        height, width = x.shape[-2:]
-        total = height * width
-        if total <= positions:
+        chosen = _sample_positions(grad, positions, generator)
+        if chosen is None:
             return None
-        index = torch.randperm(total, generator=generator)[:positions].to(x.device)
-        rows, cols = index // width, index % width
+        rows, cols, share = chosen
         pad = BLOCK_KERNEL // 2
         b_prev = patches_at(x, (BLOCK_KERNEL,) * 2, (1, 1), (pad, pad), (1, 1), rows, cols)
-        g = grad[:, :, rows, cols].permute(0, 2, 1).reshape(-1, grad.shape[1]) * batch_size
-        return _with_ones(b_prev), [(b_prev.new_zeros(b_prev.shape[0], 0), g)], batch_size * positions / total
+        g = _rows_at(grad, rows, cols) * batch_size
+        return _with_ones(b_prev), [(b_prev.new_zeros(b_prev.shape[0], 0), g)], batch_size * share
     producer = root.get_submodule(site.producer)
     consumers = [root.get_submodule(c) for c in site.consumers]
     pools = site.pools
     if not isinstance(producer, nn.Conv2d) or site.spatial or len(pools) > 1 or (pools and pools[0][0] != "window"):
         return None
     consumer = consumers[0]
-    grad = grads[site.consumers[0]]
-    out_h, out_w = grad.shape[-2:]
-    total = out_h * out_w
-    if total <= positions:
+    chosen = _sample_positions(grads[site.consumers[0]], positions, generator)
+    if chosen is None:
         return None
-    index = torch.randperm(total, generator=generator)[:positions].to(grad.device)
-    q_rows, q_cols = index // out_w, index % out_w
+    q_rows, q_cols, share = chosen
     # The producer position each sampled consumer output reads the new channel at (centre tap).
     # Through a pooling window the consumer reads pooled position r: the new channel there is
     # the average over the window's producer positions (zero padding counted, as avg_pool2d).
@@ -196,6 +207,5 @@ def sampled_conv_rows(
         b = patches_at(inputs[name], *_geometry(layer), q_rows, q_cols)
         if layer.bias is not None:
             b = _with_ones(b)
-        g = grads[name][:, :, q_rows, q_cols].permute(0, 2, 1).reshape(-1, grads[name].shape[1]) * batch_size
-        pairs.append((b, g))
-    return b_prev, pairs, batch_size * positions / total
+        pairs.append((b, _rows_at(grads[name], q_rows, q_cols) * batch_size))
+    return b_prev, pairs, batch_size * share
