@@ -22,33 +22,33 @@ NoneType = type(None)
 device = torch.device
 
 
-def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     *parents, leaf = path.split(".")
     owner = root
     for part in parents:
         if not hasattr(owner, part):
             owner.add_module(part, nn.Module())
         owner = getattr(owner, part)
+    return owner, leaf
+
+
+def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+    owner, leaf = _owner(root, path)
     owner.add_module(leaf, module)
 
 
 def _attach_buffer(root: nn.Module, path: str, tensor: torch.Tensor) -> None:
-    *parents, leaf = path.split(".")
-    owner = root
-    for part in parents:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
+    owner, leaf = _owner(root, path)
     owner.register_buffer(leaf, tensor)
 
 
 class GrownModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        _attach(self, 'conv1', nn.Conv2d(in_channels=1, out_channels=7, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
-        _attach(self, 'conv2', nn.Conv2d(in_channels=7, out_channels=13, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
+        _attach(self, 'conv1', nn.Conv2d(in_channels=1, out_channels=6, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
+        _attach(self, 'conv2', nn.Conv2d(in_channels=6, out_channels=16, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
         _attach(self, 'pool', nn.MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, return_indices=False, ceil_mode=False))
-        _attach(self, 'head', nn.Linear(in_features=208, out_features=10, bias=True))
+        _attach(self, 'head', nn.Linear(in_features=256, out_features=10, bias=True))
 
     def forward(self, x):
         conv1 = self.conv1(x);  x = None

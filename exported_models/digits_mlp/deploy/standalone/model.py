@@ -22,32 +22,32 @@ NoneType = type(None)
 device = torch.device
 
 
-def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     *parents, leaf = path.split(".")
     owner = root
     for part in parents:
         if not hasattr(owner, part):
             owner.add_module(part, nn.Module())
         owner = getattr(owner, part)
+    return owner, leaf
+
+
+def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+    owner, leaf = _owner(root, path)
     owner.add_module(leaf, module)
 
 
 def _attach_buffer(root: nn.Module, path: str, tensor: torch.Tensor) -> None:
-    *parents, leaf = path.split(".")
-    owner = root
-    for part in parents:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
+    owner, leaf = _owner(root, path)
     owner.register_buffer(leaf, tensor)
 
 
 class GrownModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        _attach(self, 'fc1', nn.Linear(in_features=64, out_features=17, bias=True))
+        _attach(self, 'fc1', nn.Linear(in_features=64, out_features=20, bias=True))
         _attach(self, 'act', nn.ReLU(inplace=False))
-        _attach(self, 'fc2', nn.Linear(in_features=17, out_features=22, bias=True))
+        _attach(self, 'fc2', nn.Linear(in_features=20, out_features=22, bias=True))
         _attach(self, 'out', nn.Linear(in_features=22, out_features=10, bias=True))
 
     def forward(self, x):
