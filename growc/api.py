@@ -11,6 +11,7 @@ from torch import nn
 from growc.data import as_loader, load_builtin
 from growc.deploy.export import export_onnx
 from growc.graph.candidates import CandidateReport, find_width_sites
+from growc.graph.depth import find_depth_edges
 from growc.graph.trace import trace
 from growc.growth import distributed
 from growc.growth.config import GrowthConfig
@@ -22,9 +23,15 @@ from growc.userfile import check_model_takes_data, load_user_data, load_user_fil
 ONNX_CHECK_SAMPLES = 1000
 
 
-def candidates_of(model: nn.Module, leaf_modules: Iterable[str] = ()) -> CandidateReport:
-    """The growth sites of `model` and the layers it cannot grow, with the reason for each."""
-    return find_width_sites(trace(model, leaf_modules))
+def candidates_of(
+    model: nn.Module, leaf_modules: Iterable[str] = (), concrete_args: dict | None = None
+) -> CandidateReport:
+    """The growth sites of `model` (width sites and depth edges) and the layers it cannot grow,
+    with the reason for each."""
+    graph = trace(model, leaf_modules, concrete_args)
+    report = find_width_sites(graph)
+    report.depth, report.graph = find_depth_edges(graph), graph
+    return report
 
 
 def _first_inputs(loader, limit: int) -> list[torch.Tensor]:
@@ -61,6 +68,7 @@ def grow_file(
     out: str | Path | None = None,
     observer: Observer | None = None,
     leaf_modules: Iterable[str] = (),
+    concrete_args: dict | None = None,
     opset: int = 18,
     resume: bool = False,
     **settings,
@@ -94,6 +102,7 @@ def grow_file(
         config,
         observer,
         leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
         checkpoint=out / "model.safetensors",
         resume=resume,
     )

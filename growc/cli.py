@@ -172,6 +172,10 @@ def grow(
     leaf: Annotated[
         Optional[list[str]], typer.Option(help="submodule (path or class name) to keep opaque when tracing")
     ] = None,
+    concrete: Annotated[
+        Optional[list[str]],
+        typer.Option(help="NAME=VALUE: fix a forward argument while tracing (VALUE is a Python literal)"),
+    ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
     quiet: Annotated[bool, typer.Option(help="print only the summary")] = False,
 ) -> None:
@@ -203,6 +207,7 @@ def grow(
             seed=seed,
             device=device,
             leaf_modules=leaf or [],
+            concrete_args=_concrete_args(concrete or []),
             opset=opset,
             observer=RichObserver(quiet or environment_rank() != 0),  # under torchrun rank 0 prints
         )
@@ -231,6 +236,24 @@ def grow(
     )
 
 
+def _concrete_args(pairs: list[str]) -> dict:
+    """--concrete NAME=VALUE options as torch.fx concrete_args."""
+    import ast
+
+    args = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.isidentifier():
+            raise GrowcError(f"--concrete takes NAME=VALUE, e.g. --concrete training=False (got '{pair}')")
+        try:
+            args[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise GrowcError(
+                f"--concrete {name}: '{value}' is not a Python literal (True, 3, 'mean', None ...)"
+            ) from None
+    return args
+
+
 @app.command()
 def inspect(
     model_file: Annotated[Path, typer.Argument(help="Python file defining `model`")],
@@ -245,17 +268,29 @@ def inspect(
         report = candidates_of(user.model, leaf_modules=leaf or [])
     except GrowcError as exc:
         _fail(str(exc))
-    table = Table(title=f"growth sites of {model_file}", title_justify="left")
+    from growc.graph.candidates import describe_ties, site_kind
+
+    graph = report.graph  # the model growth works on (functional layers lifted)
+    table = Table(title=f"growth candidates of {model_file}", title_justify="left")
     for column in ("site", "kind", "layers tied", "width", "params / neuron", "activation"):
         table.add_column(column)
     for site in report.sites:
         table.add_row(
             site.name,
-            "width",
-            f"{site.producer} -> {', '.join(site.consumers)}",
-            str(site.width(user.model)),
-            str(site.params_per_neuron(user.model)),
+            site_kind(site),
+            describe_ties(site),
+            str(site.width(graph)),
+            str(site.params_per_neuron(graph)),
             site.activation,
+        )
+    for edge in report.depth:
+        table.add_row(
+            edge.name,
+            "depth",
+            f"a new block on the edge into {edge.consumer}",
+            "0",
+            str(edge.params_per_neuron(graph)),
+            edge.activation,
         )
     console.print(table)
     for name, why in report.skipped:

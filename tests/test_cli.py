@@ -182,7 +182,46 @@ def test_inspect_lists_the_sites():
     result = run_cli("inspect", EXAMPLE)
     assert result.exit_code == 0, result.output
     assert "fc1" in result.output and "fc2" in result.output
-    assert "its output is a model output" in flat(result.output)
+    assert "is a model output, whose size is fixed" in flat(result.output)
+    assert "depth:fc2" in result.output  # depth edges are candidates too
+
+
+def test_inspect_shows_what_a_residual_stream_ties(tmp_path):
+    path = write(
+        tmp_path / "res.py",
+        """\
+        import torch
+        from torch import nn
+
+
+        class Res(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stem = nn.Linear(64, 8)
+                self.inner, self.back = nn.Linear(8, 16), nn.Linear(16, 8)
+                self.out = nn.Linear(8, 10)
+
+            def forward(self, x):
+                h = torch.relu(self.stem(x))
+                h = h + self.back(torch.relu(self.inner(h)))
+                return self.out(h)
+
+
+        model = Res
+        """,
+    )
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0, result.output
+    from growc.api import candidates_of
+    from growc.graph.candidates import describe_ties
+    from growc.userfile import load_user_file
+
+    report = candidates_of(load_user_file(path).model)
+    stream = next(s for s in report.sites if s.writers)
+    assert {stream.producer, *stream.writers} == {"stem", "back"}
+    assert set(stream.readers) == {"inner", "out"}
+    assert stream.name in result.output and "residual" in result.output
+    assert "also writing" in describe_ties(stream)
 
 
 # --------------------------------------------------------------------------- determinism

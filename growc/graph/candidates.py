@@ -1,13 +1,12 @@
 """Width sites found on the traced graph.
 
-A width site is a hidden dimension (features of a Linear, channels of a Conv2d) produced by one
-layer (`producer`) and read by one or more layers (`consumers`) through ops that act on each
-unit alone: activations and dropout; a BatchNorm before the activation (it grows with the site);
-and, from a conv to a linear layer, per-channel pooling and the flatten between them. Growing it
-by K neurons adds K outputs to the producer, K entries to its BatchNorm, and K input units to
-every consumer. Anything else on the path (an addition, a concatenation, a model output, an
-unknown module) ties the dimension to something this finder does not model yet, so the layer is
-reported as skipped with the reason.
+A width site is a hidden dimension that can take more units: the outputs of a layer (features
+of a Linear, channels of a Conv2d) and everything tied to them (see `coupling.py`): the other
+layers that write the same units through a residual addition, the BatchNorms and depthwise
+convs they pass through, and every layer that reads them, wherever a concatenation puts them.
+Growing it by K neurons gives the source layer K new outputs (the new neurons), the other
+writers K zero outputs, each carrier K pass-through entries, and every reader K input units
+(the neurons' outgoing weights for the readers in the statistics, zeros for the others).
 """
 
 from __future__ import annotations
@@ -15,25 +14,68 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from growc.graph.elementwise import activation_name, elementwise_slope
-from growc.graph.handlers import handler_for
+from growc.graph.coupling import Group, Ungrowable, Value, find_group, trace_values
+from growc.graph.handlers import DEPTHWISE, handler_for, is_depthwise
 from growc.graph.trace import module_of
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a site's units sit among a reader's inputs after a concatenation: after the units
+    of the layers `before` and before those of `after`. Widths are read when growing, so the
+    offsets follow other sites' growth."""
+
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+
+    def widths(self, root: nn.Module, names: tuple[str, ...]) -> int:
+        return sum(handler_for(m).out_size(m) for m in (root.get_submodule(n) for n in names))
 
 
 @dataclass(frozen=True)
 class WidthSite:
-    name: str  # the producer's module path: the site is "the outputs of this layer"
-    producer: str
-    consumers: tuple[str, ...]
+    name: str  # the source layer's module path: the site is "the outputs of this layer"
+    producer: str  # the source: the layer whose new outputs are the new neurons
+    consumers: tuple[str, ...]  # the readers in the statistics (same geometry and path)
     activation: str  # the first non-linearity on the way to the consumers
     slope_at_zero: float  # its slope at 0 (1.0 when the path is linear)
-    norm: str | None = None  # a BatchNorm between the producer and the activation
+    norm: str | None = None  # a BatchNorm right after the producer
     spatial: bool = False  # the consumers are linear layers reading the flattened feature map
     pools: tuple[tuple, ...] = ()  # per-channel pooling on the way: ("window", k, s, p) or ("adaptive", size)
+    writers: tuple[str, ...] = ()  # other layers writing the same units (residual additions): zero rows
+    writer_norms: tuple[str, ...] = ()  # the BatchNorms right after those
+    carriers: tuple[str, ...] = ()  # depthwise convs and other BatchNorms the units pass through
+    attached: tuple[str, ...] = ()  # readers outside the statistics: zero columns, learnt in training
+    slots: tuple[tuple[str, Slot], ...] = ()  # readers that see the units after a concatenation
+
+    @property
+    def readers(self) -> tuple[str, ...]:
+        return self.consumers + self.attached
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Every module the site's growth changes."""
+        norm = (self.norm,) if self.norm else ()
+        return (self.producer, *norm, *self.writers, *self.writer_norms, *self.carriers, *self.readers)
+
+    @property
+    def is_chain(self) -> bool:
+        """One layer's units read directly by others: nothing tied, nothing concatenated."""
+        return not (self.writers or self.carriers or self.attached or self.slots)
+
+    @property
+    def inserts_between(self) -> tuple[str, ...]:
+        """Readers where the new units go between old ones (a concatenation with more after): a
+        step that grows this site must not grow another site through them."""
+        return tuple(reader for reader, slot in self.slots if slot.after)
+
+    def slot(self, reader: str) -> Slot:
+        return dict(self.slots).get(reader, Slot())
 
     def modules(self, root: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
         return root.get_submodule(self.producer), [root.get_submodule(c) for c in self.consumers]
@@ -42,12 +84,24 @@ class WidthSite:
         producer = root.get_submodule(self.producer)
         return handler_for(producer).out_size(producer)
 
-    def spatial_size(self, root: nn.Module) -> int:
-        """Features per channel in the consumers' input (H*W after pooling; 1 if not spatial)."""
-        if not self.spatial:
+    def insertion_index(self, root: nn.Module, reader: str) -> int | None:
+        """The reader's input unit (channel) before which new units go; None: at the end. Read
+        before the site grows."""
+        slot = self.slot(reader)
+        if not slot.after:
+            return None
+        return slot.widths(root, slot.before) + self.width(root)
+
+    def spatial_size(self, root: nn.Module, reader: str | None = None) -> int:
+        """Features per channel in a reader's input (H*W after pooling; 1 unless it is a linear
+        layer reading a feature map). Default: the consumers'."""
+        reader = reader or self.consumers[0]
+        module = root.get_submodule(reader)
+        if not (isinstance(module, nn.Linear) and isinstance(root.get_submodule(self.producer), nn.Conv2d)):
             return 1
-        consumer = root.get_submodule(self.consumers[0])
-        return handler_for(consumer).in_size(consumer) // max(self.width(root), 1)
+        slot = self.slot(reader)
+        channels = self.width(root) + slot.widths(root, slot.before) + slot.widths(root, slot.after)
+        return handler_for(module).in_size(module) // max(channels, 1)
 
     def input_mode(self, root: nn.Module) -> str:
         """How the producer's input enters the new neurons: "centered" behind a BatchNorm (it
@@ -58,198 +112,178 @@ class WidthSite:
         return "affine" if handler_for(producer).has_bias(producer) else "linear"
 
     def params_per_neuron(self, root: nn.Module) -> int:
-        producer, consumers = self.modules(root)
-        spatial = self.spatial_size(root)
-        norm = 2 if self.norm and root.get_submodule(self.norm).affine else 0
-        return (
-            handler_for(producer).params_per_output(producer)
-            + norm
-            + sum(handler_for(c).params_per_input(c, spatial) for c in consumers)
-        )
+        total = 0
+        for name in (self.producer, *self.writers):
+            layer = root.get_submodule(name)
+            total += handler_for(layer).params_per_output(layer)
+        for name in (*((self.norm,) if self.norm else ()), *self.writer_norms, *self.carriers):
+            module = root.get_submodule(name)
+            if is_depthwise(module):
+                total += DEPTHWISE.params_per_channel(module)
+            elif getattr(module, "affine", False):
+                total += 2
+        for name in self.readers:
+            layer = root.get_submodule(name)
+            total += handler_for(layer).params_per_input(layer, self.spatial_size(root, name))
+        return total
 
 
 @dataclass
 class CandidateReport:
     sites: list[WidthSite] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (layer, why it cannot grow)
+    depth: list = field(default_factory=list)  # DepthSite edges, where the caller asked for them
+    graph: fx.GraphModule | None = None  # the traced model the names refer to, where the caller kept it
 
 
-_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+def describe_ties(site: WidthSite) -> str:
+    """The layers a site's growth changes, in words: `producer -> consumers`, then the rest."""
+    parts = [f"{site.producer}{' + ' + site.norm if site.norm else ''} -> {', '.join(site.consumers)}"]
+    if site.writers:
+        parts.append("also writing: " + ", ".join(site.writers))
+    if site.carriers:
+        parts.append("through: " + ", ".join(site.carriers))
+    if site.attached:
+        parts.append("also reading: " + ", ".join(site.attached))
+    if site.slots:
+        parts.append("concatenated into: " + ", ".join(reader for reader, _ in site.slots))
+    return "; ".join(parts)
 
 
-def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _POOL_MODULES)
-    return node.op == "call_function" and node.target in _POOL_FUNCTIONS
+def site_kind(site: WidthSite) -> str:
+    if site.writers:
+        return "width, residual stream"
+    if site.slots:
+        return "width, concatenated"
+    return "width"
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+def _geometry(module: nn.Module) -> tuple:
+    if isinstance(module, nn.Conv2d):
+        return ("conv", module.kernel_size, module.stride, module.padding, module.dilation)
+    return ("linear",)
 
 
-def _pool_spec(gm: fx.GraphModule, node: fx.Node) -> tuple:
-    """The pooling's window as ("window", kernel, stride, padding) or ("adaptive", output size)."""
-    if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
-        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            return ("adaptive", _pair(m.output_size))
-        return ("window", _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding))
-    args, kwargs = node.args, node.kwargs
-    if node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-        return ("adaptive", _pair(args[1] if len(args) > 1 else kwargs["output_size"]))
-    kernel = args[1] if len(args) > 1 else kwargs["kernel_size"]
-    stride = (args[2] if len(args) > 2 else kwargs.get("stride")) or kernel
-    padding = args[3] if len(args) > 3 else kwargs.get("padding", 0)
-    return ("window", _pair(kernel), _pair(stride), _pair(padding))
+def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> WidthSite:
+    """The site that grows `group` with new neurons in `source`."""
+    values = trace_values(gm, group, source)
+    conv = isinstance(module_of(gm, source), nn.Conv2d)
+    if any(isinstance(module_of(gm, w), nn.Conv2d) != conv for w in group.writers):
+        raise Ungrowable("an addition mixes the outputs of convolutions and linear layers")
+    classes: dict[tuple, list[tuple[str, Value]]] = {}
+    readers: list[str] = []
+    for reader, read in group.readers:
+        module, value = module_of(gm, reader), values[read]
+        if conv and isinstance(module, nn.Linear) and value.stage != "flat":
+            raise Ungrowable(f"'{reader.name}' reads the feature map without flattening it")
+        if not conv and isinstance(module, nn.Conv2d):
+            raise Ungrowable(f"'{reader.name}' reads a vector as a feature map")
+        readers.append(str(reader.target))
+        if value.live:
+            key = (_geometry(module), value.stage == "flat", value.pools, value.slot)
+            classes.setdefault(key, []).append((str(reader.target), value))
+    if not classes:
+        raise Ungrowable(f"no layer reads what '{source.target}' would add")
+
+    # The statistics need one geometry; the largest class of readers is measured, the others
+    # get zero outgoing weights and learn them in training.
+    def weight(members: list[tuple[str, Value]]) -> tuple[int, int]:
+        layers = [gm.get_submodule(name) for name, _ in members]
+        return len(members), sum(handler_for(m).params_per_input(m) for m in layers)
+
+    primary = max(classes.values(), key=weight)
+    consumers = tuple(name for name, _ in primary)
+    value = primary[0][1]
+    slope, act = value.slopes[0] if value.slopes else (1.0, "identity")
+    norms = {n: n.args[0] for n in group.nodes if isinstance(module_of(gm, n), _BATCHNORMS)}
+    return WidthSite(
+        name=str(source.target),
+        producer=str(source.target),
+        consumers=consumers,
+        activation=act,
+        slope_at_zero=slope,
+        norm=next((str(n.target) for n, into in norms.items() if into is source), None),
+        spatial=value.stage == "flat",
+        pools=value.pools,
+        writers=tuple(str(w.target) for w in group.writers if w is not source),
+        writer_norms=tuple(str(n.target) for n, into in norms.items() if into in group.writers and into is not source),
+        carriers=tuple(
+            str(n.target)
+            for n in group.nodes
+            if (n in norms and norms[n] not in group.writers) or is_depthwise(module_of(gm, n))
+        ),
+        attached=tuple(r for r in readers if r not in consumers),
+        slots=tuple(
+            (r, Slot(*values[read].slot)) for r, (_, read) in zip(readers, group.readers) if any(values[read].slot)
+        ),
+    )
 
 
-def _is_global_mean(node: fx.Node) -> bool:
-    """x.mean((2, 3)) or torch.mean(x, (-2, -1)): global average pooling and flattening in one."""
-    if not (
-        (node.op == "call_method" and node.target == "mean")
-        or (node.op == "call_function" and node.target is torch.mean)
-    ):
-        return False
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    return not keepdim and isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
+def _best_site(gm: fx.GraphModule, group: Group) -> WidthSite:
+    """Of the group's writers, the source whose neurons reach the most measured readers (then
+    the one with the widest input: the richest view of the data)."""
+    sites, reasons = [], []
+    for source in group.writers:
+        try:
+            sites.append(_site_from(gm, group, source))
+        except Ungrowable as exc:
+            reasons.append(str(exc))
+    if not sites:
+        raise Ungrowable(reasons[0])
+
+    def rank(site: WidthSite) -> tuple[int, int]:
+        producer = gm.get_submodule(site.producer)
+        handler = handler_for(producer)
+        return len(site.consumers), handler.in_size(producer) * handler.taps(producer)
+
+    return max(sites, key=rank)
 
 
-def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Flattening (B, C, ...) to (B, features), channel-major: what a linear layer after convs reads."""
-    if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
-        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
-    if node.op == "call_function" and node.target is torch.flatten:
-        return (node.args[1:2] or (node.kwargs.get("start_dim", 0),))[0] == 1 and len(node.args) <= 2
-    if node.op == "call_method" and node.target == "flatten":
-        return (node.args[1:2] or (node.kwargs.get("start_dim", 0),))[0] == 1 and len(node.args) <= 2
-    if node.op == "call_method" and node.target in ("view", "reshape"):
-        dims = node.args[1:]
-        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-            dims = tuple(dims[0])
-        return len(dims) == 2 and dims[1] == -1
-    return False
-
-
-def _only_input(user: fx.Node, node: fx.Node, allow_size_args: bool = False) -> bool:
-    """`node` is the op's first input and no other tensor enters it."""
-    if user.args[:1] != (node,):
-        return False
-    others = [a for a in list(user.args[1:]) + list(user.kwargs.values()) if isinstance(a, fx.Node)]
-    if allow_size_args:  # x.view(x.size(0), -1): the other node is a size, not a tensor
-        others = [a for a in others if not (a.op in ("call_method", "call_function") and a.args[:1] == (node,))]
-        others = [a for a in others if a.op != "call_function" or a.target is not getattr]
-    return not others
-
-
-def _follow(gm: fx.GraphModule, start: fx.Node, conv: bool) -> tuple[dict, str | None]:
-    """Walk from the producer to its consumers; returns what was found and the reason the path is
-    not a plain site (None when it is)."""
-    found = {"consumers": [], "slopes": [], "norm": None, "spatial": False, "pools": []}
-    # Each frontier entry: (node, stage) with stage "pre" (before any activation), "post",
-    # "pooled" (per-channel pooling seen) or "flat" (flattened for a linear layer).
-    frontier, seen = [(start, "pre")], set()
-    while frontier:
-        node, stage = frontier.pop()
-        for user in list(node.users):
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.op == "output":
-                return found, "its output is a model output"
-            flatten = conv and stage != "flat" and _is_flatten(gm, user)
-            if not _only_input(user, node, allow_size_args=flatten):
-                return found, f"its output is combined with another tensor in '{user.name}'"
-            module = module_of(gm, user)
-            if handler_for(module) is not None:
-                if conv and isinstance(module, nn.Linear) and stage != "flat":
-                    return found, f"'{user.name}' reads the feature map without flattening it"
-                if not conv and not isinstance(module, nn.Linear):
-                    return found, f"'{user.name}' reads a vector as a feature map"
-                found["consumers"].append(user)
-                found["spatial"] = stage == "flat"
-                continue
-            if isinstance(module, _BATCHNORMS):
-                if stage != "pre" or found["norm"] is not None:
-                    return found, f"the BatchNorm '{user.name}' comes after the activation"
-                found["norm"] = str(user.target)
-                frontier.append((user, stage))
-                continue
-            if conv and stage in ("pre", "post", "pooled") and _is_pool(gm, user):
-                if len(node.users) > 1:
-                    return found, f"its output is read both through the pooling '{user.name}' and another way"
-                found["pools"].append(_pool_spec(gm, user))
-                frontier.append((user, "pooled"))
-                continue
-            if flatten:
-                frontier.append((user, "flat"))
-                continue
-            if conv and stage != "flat" and _is_global_mean(user):
-                found["pools"].append(("adaptive", (1, 1)))
-                frontier.append((user, "flat"))
-                continue
-            is_elementwise, slope = elementwise_slope(gm, user)
-            if not is_elementwise:
-                return found, f"its output goes through '{user.name}', which growc cannot widen yet"
-            if slope is not None:
-                found["slopes"].append((slope, activation_name(gm, user)))
-                stage = "post" if stage == "pre" else stage
-            frontier.append((user, stage))
-    if not found["consumers"]:
-        return found, "no layer reads its output"
-    return found, None
-
-
-def _same_geometry(modules: list[nn.Module]) -> bool:
-    if len(modules) < 2 or not all(isinstance(m, nn.Conv2d) for m in modules):
-        return True
-    keys = {(m.kernel_size, m.stride, m.padding, m.dilation) for m in modules}
-    return len(keys) == 1
+def _shared(gm: fx.GraphModule, group: Group, calls: Counter) -> str | None:
+    """A layer of the group with state that is called more than once (an activation may be)."""
+    for node in [*group.nodes, *(r for r, _ in group.readers)]:
+        if node.op != "call_module" or calls[str(node.target)] < 2:
+            continue
+        module = gm.get_submodule(str(node.target))
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            return f"'{node.target}' is called more than once (shared weights)"
+    return None
 
 
 def find_width_sites(gm: fx.GraphModule) -> CandidateReport:
     report = CandidateReport()
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    placed: set[str] = set()  # layers that already belong to a site
     for node in gm.graph.nodes:
         module = module_of(gm, node)
-        if module is None:
-            continue
-        if handler_for(module) is None:
-            if isinstance(module, nn.Conv2d):
-                report.skipped.append(
-                    (str(node.target), "grouped, depthwise or non-zero-padded convs are not grown yet")
-                )
-            continue
         name = str(node.target)
-        if calls[name] > 1:
-            report.skipped.append((name, "the layer is called more than once (shared weights)"))
+        if module is None or handler_for(module) is None or name in placed:
             continue
-        found, reason = _follow(gm, node, conv=isinstance(module, nn.Conv2d))
-        consumers = [str(c.target) for c in found["consumers"]]
-        if reason is None and any(calls[c] > 1 for c in consumers):
-            reason = "a layer that reads it is called more than once (shared weights)"
-        if reason is None and found["norm"] and calls[found["norm"]] > 1:
-            reason = "its BatchNorm is called more than once"
-        if reason is None and not _same_geometry([gm.get_submodule(c) for c in consumers]):
-            reason = "its readers are convolutions of different geometry"
-        if reason is not None:
-            report.skipped.append((name, reason))
+        try:
+            group = find_group(gm, node)
+            shared = _shared(gm, group, calls)
+            if shared:
+                raise Ungrowable(shared)
+            site = _best_site(gm, group)
+        except Ungrowable as exc:
+            report.skipped.append((name, str(exc)))
             continue
-        # With several activations on the way the first one decides the linearization.
-        slope, act = found["slopes"][0] if found["slopes"] else (1.0, "identity")
-        report.sites.append(
-            WidthSite(
-                name=name,
-                producer=name,
-                consumers=tuple(consumers),
-                activation=act,
-                slope_at_zero=slope,
-                norm=found["norm"],
-                spatial=found["spatial"],
-                pools=tuple(found["pools"]),
+        placed.update((site.producer, *site.writers))
+        report.sites.append(site)
+    carried = {c for site in report.sites for c in site.carriers}
+    for node in gm.graph.nodes:
+        module = module_of(gm, node)
+        if isinstance(module, nn.Conv2d) and handler_for(module) is None and str(node.target) not in carried:
+            why = "grouped or non-zero-padded convs are not grown; a depthwise conv grows with the layer feeding it"
+            report.skipped.append((str(node.target), why))
+        if node.op == "call_function" and node.target in (F.linear, F.conv2d):
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            held = getattr(weight, "target", "a computed tensor")
+            report.skipped.append(
+                (
+                    str(held),
+                    f"'{node.name}' calls {node.target.__name__} on tensors other than the module's own "
+                    "Parameters (each read once), which growc cannot widen",
+                )
             )
-        )
     return report

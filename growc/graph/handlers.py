@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 @dataclass
 class TensorSwap:
-    """One Parameter (or buffer) of a module replaced by a larger one along `dim`."""
+    """One Parameter (or buffer) of a module replaced by a larger one along `dim`: the new entries
+    sit at `start` (the end, unless they were inserted among the old ones)."""
 
     module: nn.Module
     attr: str
@@ -25,15 +26,36 @@ class TensorSwap:
     new: Tensor
     dim: int  # the dimension that grew
     old_size: int
+    start: int = -1  # where the new entries begin; -1: at the end
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.old_size
 
     @property
     def is_parameter(self) -> bool:
         return isinstance(self.new, nn.Parameter)
 
-    def new_slice(self) -> tuple[slice, ...]:
+    @property
+    def added(self) -> int:
+        return self.new.shape[self.dim] - self.old_size
+
+    def _index(self, part: slice) -> tuple[slice, ...]:
         index = [slice(None)] * self.new.dim()
-        index[self.dim] = slice(self.old_size, None)
+        index[self.dim] = part
         return tuple(index)
+
+    def new_slice(self) -> tuple[slice, ...]:
+        return self._index(slice(self.start, self.start + self.added))
+
+    def widen(self, value: Tensor) -> Tensor:
+        """`value` shaped like the old tensor, with zeros where the new entries went."""
+        return _insert(value, value.new_zeros(_grown_shape(value, self.dim, self.added)), self.dim, self.start)
+
+    def narrow(self, value: Tensor) -> Tensor:
+        """`value` shaped like the new tensor, with the new entries taken out."""
+        kept = [value[self._index(slice(0, self.start))], value[self._index(slice(self.start + self.added, None))]]
+        return torch.cat(kept, dim=self.dim)
 
     def undo(self) -> None:
         if self.is_parameter:
@@ -42,17 +64,30 @@ class TensorSwap:
             self.module.register_buffer(self.attr, self.old)
 
 
-def extend(module: nn.Module, attr: str, extra: Tensor, dim: int) -> TensorSwap:
-    """Append `extra` to `module.attr` along `dim`, as a new Parameter (or buffer)."""
+def _grown_shape(value: Tensor, dim: int, count: int) -> list[int]:
+    shape = list(value.shape)
+    shape[dim] = count
+    return shape
+
+
+def _insert(value: Tensor, extra: Tensor, dim: int, at: int) -> Tensor:
+    head, tail = value.split([at, value.shape[dim] - at], dim=dim)
+    return torch.cat([head, extra, tail], dim=dim)
+
+
+def extend(module: nn.Module, attr: str, extra: Tensor, dim: int, at: int | None = None) -> TensorSwap:
+    """Insert `extra` into `module.attr` along `dim` at index `at` (default: append), as a new
+    Parameter (or buffer)."""
     old = getattr(module, attr)
-    data = torch.cat([old.detach(), extra.to(dtype=old.dtype, device=old.device)], dim=dim)
+    at = old.shape[dim] if at is None else at
+    data = _insert(old.detach(), extra.to(dtype=old.dtype, device=old.device), dim, at)
     if isinstance(old, nn.Parameter):
         new: Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
         setattr(module, attr, new)
     else:
         new = data
         module.register_buffer(attr, new)
-    return TensorSwap(module, attr, old, new, dim, old.shape[dim])
+    return TensorSwap(module, attr, old, new, dim, old.shape[dim], at)
 
 
 class LayerHandler(ABC):
@@ -80,8 +115,10 @@ class LayerHandler(ABC):
         """Append outputs: `rows` (K, in_flat) of weights and their biases."""
 
     @abstractmethod
-    def grow_in(self, layer: nn.Module, block: Tensor) -> list[TensorSwap]:
-        """Append inputs: `block` shaped like the weight's new slice (see `input_block`)."""
+    def grow_in(self, layer: nn.Module, block: Tensor, at: int | None = None) -> list[TensorSwap]:
+        """Insert inputs before input unit `at` (default: append): `block` shaped like the
+        weight's new slice (see `input_block`). `at` counts the layer's own inputs (features of
+        a linear layer, even when they are a flattened feature map's)."""
 
     @abstractmethod
     def input_block(self, layer: nn.Module, omega: Tensor, spatial: int) -> Tensor:
@@ -138,8 +175,8 @@ class LinearHandler(LayerHandler):
         self.sync_sizes(layer)
         return swaps
 
-    def grow_in(self, layer: nn.Linear, block: Tensor) -> list[TensorSwap]:
-        swaps = [extend(layer, "weight", block, 1)]
+    def grow_in(self, layer: nn.Linear, block: Tensor, at: int | None = None) -> list[TensorSwap]:
+        swaps = [extend(layer, "weight", block, 1, at)]
         self.sync_sizes(layer)
         return swaps
 
@@ -193,8 +230,8 @@ class Conv2dHandler(LayerHandler):
         self.sync_sizes(layer)
         return swaps
 
-    def grow_in(self, layer: nn.Conv2d, block: Tensor) -> list[TensorSwap]:
-        swaps = [extend(layer, "weight", block, 1)]
+    def grow_in(self, layer: nn.Conv2d, block: Tensor, at: int | None = None) -> list[TensorSwap]:
+        swaps = [extend(layer, "weight", block, 1, at)]
         self.sync_sizes(layer)
         return swaps
 
@@ -225,6 +262,19 @@ def centre_tap(layer: nn.Conv2d) -> tuple[int, int]:
     return (layer.kernel_size[0] - 1) // 2, (layer.kernel_size[1] - 1) // 2
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise conv that maps each channel to itself, position for position at its centre tap
+    (odd kernel, zero "same" padding): a new channel can pass through it unchanged."""
+    return (
+        type(module) is nn.Conv2d
+        and module.groups == module.in_channels == module.out_channels
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+        and all(k % 2 == 1 for k in module.kernel_size)
+        and all(p == d * (k - 1) // 2 for p, d, k in zip(module.padding, module.dilation, module.kernel_size))
+    )
+
+
 def is_plain_conv(module: nn.Module) -> bool:
     return (
         type(module) is nn.Conv2d
@@ -248,11 +298,14 @@ def handler_for(module: nn.Module | None) -> LayerHandler | None:
 class BatchNormHandler:
     """BatchNorm tied to a site: grows with it, one entry per new channel."""
 
-    def grow(self, bn: nn.modules.batchnorm._BatchNorm, count: int, mean: Tensor, var: Tensor) -> list[TensorSwap]:
+    def grow(
+        self, bn: nn.modules.batchnorm._BatchNorm, count: int, mean: Tensor, var: Tensor, weight: float = 0.0
+    ) -> list[TensorSwap]:
+        """`count` new entries with weight `weight`, bias 0 and the given running statistics."""
         ref = bn.running_mean if bn.running_mean is not None else bn.weight
         swaps = []
         if bn.affine:
-            swaps.append(extend(bn, "weight", ref.new_zeros(count), 0))
+            swaps.append(extend(bn, "weight", ref.new_full((count,), weight), 0))
             swaps.append(extend(bn, "bias", ref.new_zeros(count), 0))
         if bn.track_running_stats and bn.running_mean is not None:
             swaps.append(extend(bn, "running_mean", mean, 0))
@@ -268,8 +321,35 @@ class BatchNormHandler:
 BATCHNORM = BatchNormHandler()
 
 
+class DepthwiseHandler:
+    """A depthwise conv that carries a site's units: one new channel per unit, whose kernel is
+    the identity (1 at the centre tap) with zero bias, so the unit passes through unchanged and
+    training shapes the kernel afterwards."""
+
+    def grow(self, layer: nn.Conv2d, count: int) -> list[TensorSwap]:
+        kernel = layer.weight.new_zeros(count, 1, *layer.kernel_size)
+        th, tw = centre_tap(layer)
+        kernel[:, :, th, tw] = 1.0
+        swaps = [extend(layer, "weight", kernel, 0)]
+        if layer.bias is not None:
+            swaps.append(extend(layer, "bias", layer.bias.new_zeros(count), 0))
+        self.sync_sizes(layer)
+        return swaps
+
+    def sync_sizes(self, layer: nn.Conv2d) -> None:
+        layer.out_channels = layer.in_channels = layer.groups = layer.weight.shape[0]
+
+    def params_per_channel(self, layer: nn.Conv2d) -> int:
+        return layer.kernel_size[0] * layer.kernel_size[1] + int(layer.bias is not None)
+
+
+DEPTHWISE = DepthwiseHandler()
+
+
 def sync_sizes(module: nn.Module) -> None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         BATCHNORM.sync_sizes(module)
+    elif is_depthwise(module) or (isinstance(module, nn.Conv2d) and module.groups > 1):
+        DEPTHWISE.sync_sizes(module)
     elif (h := _HANDLERS.get(type(module))) is not None:
         h.sync_sizes(module)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
-from growc.graph.handlers import BATCHNORM, TensorSwap, handler_for, sync_sizes
+from growc.graph.handlers import BATCHNORM, DEPTHWISE, TensorSwap, handler_for, is_depthwise, sync_sizes
 
 
 @dataclass
@@ -41,15 +41,18 @@ class SiteGrowth:
 
     The units enter scaled by `gamma` on both sides (the producer's rows, or the BatchNorm's
     weight, and the consumers' columns): at gamma = 0 the model computes exactly what it did
-    before, in train and in eval mode.
+    before, in train and in eval mode. Tied layers get units that keep it so at every gamma:
+    the other writers zero rows, carriers pass-through entries, the attached readers zero columns.
     """
 
     def __init__(self, root: nn.Module, site: WidthSite, units: NewUnits) -> None:
         self.site = site
         self.count = k = units.count
-        producer, consumers = site.modules(root)
+        producer = root.get_submodule(site.producer)
         p_handler = handler_for(producer)
-        spatial = site.spatial_size(root)  # before the producer grows: it divides by the width
+        # Where each reader takes the new units, read before anything grows (offsets and the
+        # features per channel depend on the current widths).
+        places = {r: (site.insertion_index(root, r), site.spatial_size(root, r)) for r in site.readers}
         # Other sites may have grown in the same step since the units were solved: the producer
         # may have new inputs and a consumer new outputs. Those connect with zeros.
         flat_in = p_handler.in_size(producer) * p_handler.taps(producer)
@@ -74,15 +77,44 @@ class SiteGrowth:
                     self._add(swap, weight, scaled=True)
                 else:
                     self.swaps.append(swap)  # bias stays 0; running stats are set once
+        self._grow_tied(root, k, rows)
         start = 0
-        for consumer, solved in zip(consumers, units.omega_rows):
+        for name, solved in zip(site.consumers, units.omega_rows):
+            consumer = root.get_submodule(name)
             c_handler = handler_for(consumer)
             omega = units.omega.new_zeros(c_handler.out_size(consumer), k)
             omega[:solved] = units.omega[start : start + solved]
             start += solved
-            block = c_handler.input_block(consumer, omega, spatial)
-            (swap,) = c_handler.grow_in(consumer, torch.zeros_like(block))
-            self._add(swap, block, scaled=True)
+            self._add(*self._grow_reader(consumer, omega, places[name]), scaled=True)
+        for name in site.attached:
+            attached = root.get_submodule(name)
+            omega = units.omega.new_zeros(handler_for(attached).out_size(attached), k)
+            self.swaps.append(self._grow_reader(attached, omega, places[name])[0])
+
+    def _grow_tied(self, root: nn.Module, k: int, ref: Tensor) -> None:
+        """The other writers (zero rows), their BatchNorms and the carriers (pass-through entries)."""
+        zeros, ones = ref.new_zeros(k), ref.new_ones(k)
+        for name in self.site.writers:
+            writer = root.get_submodule(name)
+            handler = handler_for(writer)
+            flat_in = handler.in_size(writer) * handler.taps(writer)
+            self.swaps += handler.grow_out(writer, ref.new_zeros(k, flat_in), zeros)
+        for name in (*self.site.writer_norms, *self.site.carriers):
+            module = root.get_submodule(name)
+            if is_depthwise(module):
+                self.swaps += DEPTHWISE.grow(module, k)
+            else:  # a BatchNorm: weight 1, bias 0, statistics of a unit-variance, zero-mean input
+                self.swaps += BATCHNORM.grow(module, k, zeros, ones, weight=1.0)
+
+    @staticmethod
+    def _grow_reader(reader: nn.Module, omega: Tensor, place: tuple[int | None, int]) -> tuple[TensorSwap, Tensor]:
+        """Give `reader` K new inputs at its place (zeros for now); returns the swap and the
+        block of outgoing weights `omega` stands for."""
+        at, spatial = place
+        handler = handler_for(reader)
+        block = handler.input_block(reader, omega, spatial)
+        (swap,) = handler.grow_in(reader, torch.zeros_like(block), None if at is None else at * spatial)
+        return swap, block
 
     def _add(self, swap: TensorSwap, value: Tensor, scaled: bool) -> None:
         self.swaps.append(swap)
@@ -122,9 +154,7 @@ def carry_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], swaps: li
             new_state = {}
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.shape == swap.old.shape:
-                    pad_shape = list(value.shape)
-                    pad_shape[swap.dim] = swap.new.shape[swap.dim] - swap.old_size
-                    value = torch.cat([value, value.new_zeros(pad_shape)], dim=swap.dim)
+                    value = swap.widen(value)
                 new_state[key] = value
             optimizer.state[swap.new] = new_state
 
@@ -140,9 +170,7 @@ def uncarry_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], swaps: 
             state = optimizer.state.pop(swap.new, None)
             if state is None:
                 continue
-            index = [slice(None)] * swap.new.dim()
-            index[swap.dim] = slice(0, swap.old_size)
             optimizer.state[swap.old] = {
-                k: v[tuple(index)].clone() if isinstance(v, Tensor) and v.shape == swap.new.shape else v
+                k: swap.narrow(v) if isinstance(v, Tensor) and v.shape == swap.new.shape else v
                 for k, v in state.items()
             }

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from growc.errors import TraceError
@@ -22,6 +23,15 @@ class GrowcTracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         super().__init__()
         self.leaf_names = set(leaf_modules)
+        self.failed_in: str | None = None  # the innermost submodule being traced when tracing failed
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
@@ -53,14 +63,109 @@ def trace(
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean the same thing to the user
         where = _user_frame(exc)
+        if tracer.failed_in:
+            way_out = (
+                f"Keep the submodule '{tracer.failed_in}' opaque with --leaf {tracer.failed_in} "
+                f"(leaf_modules=['{tracer.failed_in}'] in Python): growth then happens around it"
+            )
+        else:
+            way_out = (
+                "The line is in the model's own forward: move it into a submodule and keep that "
+                "opaque with --leaf NAME (leaf_modules=[...] in Python)"
+            )
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__} at {where} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Mark the submodule that contains "
-            "this line as opaque with --leaf NAME (leaf_modules=[...] in Python), or fix the "
-            "value that drives it with concrete_args."
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). {way_out}, or fix the input that "
+            "drives it with --concrete NAME=VALUE (concrete_args={...} in Python)."
         ) from None
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    lift_functional_layers(gm)
+    return gm
+
+
+def _argument(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _own_parameter(gm: fx.GraphModule, node: Any) -> nn.Parameter | None:
+    """The Parameter a get_attr node reads, when nothing else in the graph reads it."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr" and len(node.users) == 1):
+        return None
+    value = gm.get_parameter(str(node.target)) if "." in str(node.target) else getattr(gm, str(node.target), None)
+    return value if isinstance(value, nn.Parameter) else None
+
+
+def _layer_for_call(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """An nn.Linear / nn.Conv2d holding the Parameters that `F.linear(x, w, b)` or
+    `F.conv2d(x, w, b, ...)` reads from the module, or None when the call is not of that form."""
+    weight = _own_parameter(gm, _argument(node, 1, "weight", None))
+    bias_node = _argument(node, 2, "bias", None)
+    bias = _own_parameter(gm, bias_node)
+    if weight is None or (bias_node is not None and bias is None):
+        return None
+    if node.target is F.linear and weight.dim() == 2:
+        layer: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    elif node.target is F.conv2d and weight.dim() == 4:
+        settings = [
+            _argument(node, i, key, default)
+            for i, key, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1))
+        ]
+        if any(isinstance(v, (fx.Node, str)) for v in settings):
+            return None
+        stride, padding, dilation, groups = settings
+        layer = nn.Conv2d(
+            weight.shape[1] * groups,
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias=bias is not None,
+            device="meta",
+        )
+    else:
+        return None
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
+def lift_functional_layers(gm: fx.GraphModule) -> list[str]:
+    """Turn `F.linear(x, self.w, self.b)` / `F.conv2d(x, self.w, ...)` on the module's own
+    Parameters into nn.Linear / nn.Conv2d layers holding those same Parameters, so that they
+    can be measured and widened like any layer. The layer is named after the weight
+    (`w` -> `w_linear`) and lives in the traced graph (like inserted blocks), which from then on
+    is the model. Returns the new layers' names."""
+    lifted = []
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (F.linear, F.conv2d):
+            continue
+        layer = _layer_for_call(gm, node)
+        if layer is None:
+            continue
+        readers = [a for a in (_argument(node, 1, "weight", None), _argument(node, 2, "bias", None)) if a is not None]
+        base = str(readers[0].target).replace(".", "_") + ("_linear" if node.target is F.linear else "_conv")
+        name, suffix = base, 1
+        while hasattr(gm, name):
+            name, suffix = f"{base}{suffix}", suffix + 1
+        gm.add_submodule(name, layer)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        for reader in readers:
+            gm.graph.erase_node(reader)
+            owner, _, attr = str(reader.target).rpartition(".")
+            if not any(u == owner or u.startswith(owner + ".") for u in used if owner):
+                delattr(gm.get_submodule(owner) if owner else gm, attr)  # the graph's copy, not the user's
+        lifted.append(name)
+    if lifted:
+        gm.graph.lint()
+        gm.recompile()
+    return lifted
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -369,7 +369,7 @@ def _growth_step(
         record.grown.append(grown)
         undos.append(undo)
         if grown.neurons:
-            widened.update(a.site.consumers)
+            widened.update(a.site.readers if isinstance(a.site, WidthSite) else ())
             blocks |= isinstance(a.site, DepthSite)
     after = search_batch.loss(graph) if undos else 0.0
     if not math.isfinite(after):

@@ -90,13 +90,26 @@ def allocate(assessments: list[SiteAssessment], budget: int | None) -> dict[str,
     items = [(a.value(k), a) for a in assessments for k in range(a.significant)]
     items.sort(key=lambda item: -item[0])
     counts: dict[str, int] = {}
+    chosen: list[Site] = []
     spent = 0
     for _, a in items:
         if budget is not None and spent + a.cost > budget:
             continue
+        if a.site.name not in counts and any(_conflict(a.site, other) for other in chosen):
+            continue
+        if a.site.name not in counts:
+            chosen.append(a.site)
         counts[a.site.name] = counts.get(a.site.name, 0) + 1
         spent += a.cost
     return counts
+
+
+def _conflict(a: Site, b: Site) -> bool:
+    """Two sites that cannot grow in the same step: one puts units between a layer's old inputs
+    (a concatenation), which the other's statistics, taken before, would not line up with."""
+    if isinstance(a, DepthSite) or isinstance(b, DepthSite):
+        return False
+    return bool(set(a.inserts_between) & set(b.layers) or set(b.inserts_between) & set(a.layers))
 
 
 def _column_scale(model: nn.Module, site: Site, moments: SiteMoments) -> float:
@@ -189,8 +202,9 @@ def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBat
     for w, u in zip(originals, a.solution.updates):
         norm = float(u.delta.norm())
         unit = torch.zeros_like(w)
-        if norm > 0:
-            # A consumer may have gained outputs earlier in this step: they get no update.
+        # A consumer may have gained outputs earlier in this step: they get no update. One that
+        # gained inputs between its old ones (a concatenation) gets none at all.
+        if norm > 0 and u.delta.shape[1] == w.shape[1]:
             rows = u.delta.shape[0]
             unit[:rows] = u.delta.to(w) * (float(w[:rows].norm()) / norm)
         units.append(unit)
@@ -210,7 +224,7 @@ def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBat
     predicted = 0.0
     for w, u in zip(originals, a.solution.updates):
         norm = float(u.delta.norm())
-        if norm > 0:
+        if norm > 0 and u.delta.shape[1] == w.shape[1]:
             predicted += best * float(w.norm()) / norm * u.first_order_gain * a.solution.rows_per_sample
     return best, predicted, restore
 

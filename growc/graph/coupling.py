@@ -1,0 +1,320 @@
+"""Coupling analysis: which tensors share a hidden dimension, so that growing it is one act.
+
+Start from a layer's output and follow its units through the graph. Ops that act on each unit
+alone (activations, dropout, BatchNorm, depthwise convs, pooling, flattening) carry them along.
+An addition ties the dimension to the other operand: walking back from it finds the other
+layers that write the same units (a residual stream: the stem, every block's last layer, the
+downsampling shortcut). A concatenation places the units at an offset among other tensors'.
+What reads the units (a Linear or Conv2d) is a reader. Anything else (a model output, an op
+growc does not know, the model's input added to the stream) makes the group ungrowable, with
+the reason in words.
+
+The result, a `Group`, lists the nodes in graph order; `trace_values` then says, for a chosen
+source layer, what each node holds at the new units: the source's new neurons (live) or zeros
+(the other writers get zero rows), with the pooling and flattening on the way.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from growc.graph.elementwise import activation_name, elementwise_slope
+from growc.graph.handlers import handler_for, is_depthwise
+from growc.graph.trace import module_of
+
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_ADDS = {operator.add, torch.add, operator.iadd}
+# Not zero at zero: a writer's zero rows would not give zero units through them.
+_NOT_ZERO_AT_ZERO = {"Sigmoid", "sigmoid", "Softplus", "softplus"}
+
+
+class Ungrowable(Exception):
+    """The group cannot grow; the message says why, in the user's terms."""
+
+
+@dataclass
+class Group:
+    """The nodes that carry one hidden dimension, and the layers around it."""
+
+    nodes: list[fx.Node] = field(default_factory=list)  # in graph order
+    writers: list[fx.Node] = field(default_factory=list)  # layers whose outputs are the units
+    readers: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reader layer, node it reads)
+    cat_slots: dict[fx.Node, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Value:
+    """What a node of the group holds at the new units, for one choice of source."""
+
+    live: bool  # the source's new neurons reach it (else the units are zero there)
+    stage: str  # "pre" / "post" (an activation passed) / "pooled" / "flat" (flattened for a linear layer)
+    pools: tuple[tuple, ...] = ()
+    slopes: tuple[tuple[float, str], ...] = ()
+    slot: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # layers whose units come before / after
+
+
+def is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _POOL_MODULES)
+    return node.op == "call_function" and node.target in _POOL_FUNCTIONS
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def pool_spec(gm: fx.GraphModule, node: fx.Node) -> tuple:
+    """The pooling's window as ("window", kernel, stride, padding) or ("adaptive", output size)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            return ("adaptive", _pair(m.output_size))
+        return ("window", _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding))
+    args, kwargs = node.args, node.kwargs
+    if node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        return ("adaptive", _pair(args[1] if len(args) > 1 else kwargs["output_size"]))
+    kernel = args[1] if len(args) > 1 else kwargs["kernel_size"]
+    stride = (args[2] if len(args) > 2 else kwargs.get("stride")) or kernel
+    padding = args[3] if len(args) > 3 else kwargs.get("padding", 0)
+    return ("window", _pair(kernel), _pair(stride), _pair(padding))
+
+
+def is_global_mean(node: fx.Node) -> bool:
+    """x.mean((2, 3)) or torch.mean(x, (-2, -1)): global average pooling and flattening in one."""
+    if not (
+        (node.op == "call_method" and node.target == "mean")
+        or (node.op == "call_function" and node.target is torch.mean)
+    ):
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return not keepdim and isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
+
+
+def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Flattening (B, C, ...) to (B, features), channel-major: what a linear layer after convs reads."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    ):
+        return (node.args[1:2] or (node.kwargs.get("start_dim", 0),))[0] == 1 and len(node.args) <= 2
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        dims = node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        return len(dims) == 2 and dims[1] == -1
+    return False
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+
+
+def _is_cat(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.cat, torch.concat)
+
+
+def _cat_dim(node: fx.Node) -> int:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    args = list(node.args) + list(node.kwargs.values())
+    flat = []
+    for a in args:
+        flat += [x for x in a if isinstance(x, fx.Node)] if isinstance(a, (list, tuple)) else [a]
+    return [a for a in flat if isinstance(a, fx.Node)]
+
+
+def _is_size_of(arg: fx.Node, node: fx.Node) -> bool:
+    """x.size(0) / x.shape[0]: a size read from `node`, not a tensor."""
+    if arg.op == "call_method" and arg.target == "size":
+        return arg.args[:1] == (node,)
+    if arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[0], fx.Node):
+        return _is_size_of(arg.args[0], node)
+    return arg.op == "call_function" and arg.target is getattr and arg.args[:1] == (node,)
+
+
+def _only_input(user: fx.Node, node: fx.Node) -> bool:
+    """`node` is the op's first input and no other tensor enters it."""
+    if user.args[:1] != (node,):
+        return False
+    return all(a is node or _is_size_of(a, node) for a in _tensor_args(user))
+
+
+class _Walk:
+    """Collects the group containing `start`'s output (see the module's docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, start: fx.Node) -> None:
+        self.gm = gm
+        self.group = Group(writers=[start])
+        self.members: set[fx.Node] = {start}
+        self.todo = [start]
+
+    def run(self) -> Group:
+        while self.todo:
+            node = self.todo.pop()
+            for user in list(node.users):
+                self._visit(node, user)
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        self.group.nodes = sorted(self.members, key=order.__getitem__)
+        self.group.writers.sort(key=order.__getitem__)
+        self.group.readers.sort(key=lambda r: order[r[0]])
+        return self.group
+
+    def _add_member(self, node: fx.Node) -> None:
+        if node not in self.members:
+            self.members.add(node)
+            self.todo.append(node)
+
+    def _visit(self, node: fx.Node, user: fx.Node) -> None:
+        if user.op == "output":
+            raise Ungrowable(f"'{node.name}' is a model output, whose size is fixed")
+        if _is_size_of(user, node):
+            return
+        if _is_add(user):
+            if node in self.group.cat_slots or any(n in self.group.cat_slots for n in self._upstream(node)):
+                raise Ungrowable(f"'{user.name}' adds to units that were concatenated with others")
+            for other in _tensor_args(user):
+                if other is not node and other not in self.members:
+                    self._pull_writer(other, user)
+            self._add_member(user)
+            return
+        if _is_cat(user):
+            self._enter_cat(node, user)
+            return
+        if not _only_input(user, node):
+            raise Ungrowable(f"'{user.name}' combines it with another tensor in a way growc cannot widen")
+        module = module_of(self.gm, user)
+        if handler_for(module) is not None:
+            if (user, node) not in self.group.readers:
+                self.group.readers.append((user, node))
+            return
+        if (
+            isinstance(module, _BATCHNORMS)
+            or is_depthwise(module)
+            or is_pool(self.gm, user)
+            or is_flatten(self.gm, user)
+            or is_global_mean(user)
+            or elementwise_slope(self.gm, user)[0]
+        ):
+            self._add_member(user)
+            return
+        if isinstance(module, nn.Conv2d):
+            raise Ungrowable(f"it is read by the grouped or padded conv '{user.name}', which growc cannot widen")
+        what = f"the {type(module).__name__} '{user.name}'" if module is not None else f"'{user.name}'"
+        raise Ungrowable(f"its units go through {what}, which growc cannot widen")
+
+    def _upstream(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in _tensor_args(node) if a in self.members]
+
+    def _pull_writer(self, operand: fx.Node, add: fx.Node) -> None:
+        """Walk back from an addition's other operand to the layer that writes it (a writer)."""
+        node = operand
+        while node not in self.members:
+            module = module_of(self.gm, node)
+            if handler_for(module) is not None:
+                self.group.writers.append(node)
+                break
+            if _is_add(node):  # a sum of several writers (and perhaps the stream itself)
+                self._add_member(node)
+                for other in _tensor_args(node):
+                    if other not in self.members:
+                        self._pull_writer(other, add)
+                return
+            if node.op == "placeholder":
+                raise Ungrowable(f"the model input '{node.name}' is added to it in '{add.name}': its size is fixed")
+            if node.op == "get_attr":
+                raise Ungrowable(f"the tensor '{node.target}' is added to it in '{add.name}'")
+            carries = isinstance(module, _BATCHNORMS) or is_depthwise(module) or elementwise_slope(self.gm, node)[0]
+            if not carries or activation_name(self.gm, node) in _NOT_ZERO_AT_ZERO:
+                raise Ungrowable(f"'{node.name}' is added to it in '{add.name}' and growc cannot tell what writes it")
+            self._add_member(node)
+            node = node.args[0]
+            if not isinstance(node, fx.Node):
+                raise Ungrowable(f"'{operand.name}' is added to it in '{add.name}' and is not a layer's output")
+        self._add_member(node)
+
+    def _enter_cat(self, node: fx.Node, cat: fx.Node) -> None:
+        parts = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
+        if _cat_dim(cat) not in (1, -1, -3):
+            raise Ungrowable(f"'{cat.name}' concatenates along dimension {_cat_dim(cat)}, not the units'")
+        if sum(p is node for p in parts) != 1 or any(p in self.members and p is not node for p in parts):
+            raise Ungrowable(f"'{cat.name}' concatenates these units more than once")
+        if node in self.group.cat_slots or any(n in self.group.cat_slots for n in self._upstream(node)):
+            raise Ungrowable(f"'{cat.name}' concatenates units that were already concatenated")
+        index = list(parts).index(node)
+        before = tuple(w for p in parts[:index] for w in self._widths_of(p, cat))
+        after = tuple(w for p in parts[index + 1 :] for w in self._widths_of(p, cat))
+        self.group.cat_slots[cat] = (before, after)
+        self._add_member(cat)
+
+    def _widths_of(self, node: fx.Node, cat: fx.Node) -> tuple[str, ...]:
+        """The layers whose outputs make up `node`'s units (their widths give the offsets)."""
+        while True:
+            module = module_of(self.gm, node)
+            if handler_for(module) is not None:
+                return (str(node.target),)
+            if _is_cat(node):
+                return tuple(w for p in node.args[0] for w in self._widths_of(p, cat))
+            carries = isinstance(module, _BATCHNORMS) or is_depthwise(module) or elementwise_slope(self.gm, node)[0]
+            if not carries or not isinstance(node.args[0], fx.Node):
+                raise Ungrowable(f"'{cat.name}' concatenates it with '{node.name}', whose width growc cannot follow")
+            node = node.args[0]
+
+
+def find_group(gm: fx.GraphModule, start: fx.Node) -> Group:
+    """The group that `start`'s outputs belong to; raises Ungrowable with the reason."""
+    return _Walk(gm, start).run()
+
+
+def trace_values(gm: fx.GraphModule, group: Group, source: fx.Node) -> dict[fx.Node, Value]:
+    """What each node of the group holds at the new units when `source` gets the new neurons and
+    the other writers zero rows: in graph order, each node from the group nodes it reads."""
+    values: dict[fx.Node, Value] = {}
+    for node in group.nodes:
+        if node in group.writers:
+            values[node] = Value(live=node is source, stage="pre")
+            continue
+        inputs = [values[a] for a in _tensor_args(node) if a in values]
+        live = [v for v in inputs if v.live]
+        base = live[0] if live else inputs[0]
+        values[node] = _through(gm, node, base, bool(live), group)
+    return values
+
+
+def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Group) -> Value:
+    """The value after `node`, given the value `v` it reads."""
+    stage, pools, slopes, slot = v.stage, v.pools, v.slopes, v.slot
+    module = module_of(gm, node)
+    if node in group.cat_slots:
+        slot = group.cat_slots[node]
+    elif is_pool(gm, node):
+        if stage == "flat":
+            raise Ungrowable(f"'{node.name}' pools a flattened tensor")
+        pools = (*pools, pool_spec(gm, node))
+        stage = "pooled"
+    elif is_global_mean(node):
+        pools, stage = (*pools, ("adaptive", (1, 1))), "flat"
+    elif is_flatten(gm, node):
+        stage = "flat"
+    elif is_depthwise(module):
+        if module.stride != (1, 1):
+            pools = (*pools, ("window", (1, 1), module.stride, (0, 0)))  # its centre tap subsamples
+    elif not _is_add(node) and not isinstance(module, _BATCHNORMS):
+        slope = elementwise_slope(gm, node)[1]
+        if slope is not None:
+            slopes = (*slopes, (slope, activation_name(gm, node)))
+            stage = "post" if stage == "pre" else stage
+    return Value(live=live, stage=stage, pools=pools, slopes=slopes, slot=slot)
