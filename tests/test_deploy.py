@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -195,11 +196,10 @@ def test_onnx_of_frozen_model_matches_torch(tmp_path: Path):
         assert float(abs(got - model(x).numpy()).max()) <= 1e-5
 
 
-def train_digits_mlp() -> nn.Module:
-    seeded()
+def train_on_digits(model: nn.Module) -> nn.Module:
+    """Three epochs of Adam on the digits' training split (flat 64-value inputs)."""
     train, _ = digits()
     x, y = train.tensors
-    model = nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(3):
         perm = torch.randperm(len(x))
@@ -210,6 +210,13 @@ def train_digits_mlp() -> nn.Module:
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def train_digits_mlp() -> nn.Module:
+    seeded()
+    return train_on_digits(
+        nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 10))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +255,8 @@ def test_int8_is_small_and_accurate(digits_checkpoint: Path, tmp_path: Path, mod
     assert "divided by 16" in card["preprocessing"]
     fp32_card = json.loads((tmp_path / "model.card.json").read_text())
     assert fp32_card["accuracy"] == pytest.approx(result.fp32_accuracy)
+    slim = fp32_card["onnxslim"]  # tried (the frozen MLP has nothing to fold): its outcome is on the card
+    assert slim["bytes_after"] == fp32_card["file_bytes"] == q.fp32_bytes and slim["reason"]
     assert (tmp_path / "standalone" / "model.py").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
 
@@ -282,6 +291,23 @@ def test_cli_export(digits_checkpoint: Path, tmp_path: Path):
         assert (tmp_path / name).is_file(), name
 
 
+def rewrite_checkpoint(src: Path, dst: Path, architecture: str | None = None, tensors: dict | None = None) -> None:
+    """A copy of a growc checkpoint with its architecture JSON or some tensors replaced."""
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata()
+        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    if architecture is not None:
+        metadata["architecture"] = architecture
+    save_file({**stored, **(tensors or {})}, str(dst), metadata=metadata)
+
+
+def layer_norm_checkpoint(folder: Path) -> Path:
+    """LayerNormalization entered ONNX at opset 17."""
+    seeded()
+    model = nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    return growc.save_checkpoint(folder / "layer_norm.safetensors", growc.trace(model))
+
+
 @pytest.mark.parametrize(
     ("case", "phrase"),
     [
@@ -289,14 +315,20 @@ def test_cli_export(digits_checkpoint: Path, tmp_path: Path):
         ("text", "not a readable safetensors file"),
         ("plain_safetensors", "not a growc checkpoint"),
         ("truncated", "safetensors"),
+        ("damaged_metadata", "metadata of"),
+        ("unknown_architecture", "cannot be rebuilt"),
+        ("wrong_shapes", "do not fit its architecture"),
         ("opset", "opset 6"),
+        ("op_needs_newer_opset", "opset 16 cannot express LayerNormalization (opset 17+)"),
         ("int8_mode", "unknown --int8 mode"),
     ],
 )
 def test_cli_export_bad_input(digits_checkpoint: Path, tmp_path: Path, case: str, phrase: str):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "model.onnx").write_bytes(b"earlier export")
+    earlier = {name: f"earlier {name}".encode() for name in ("model.onnx", "model.card.json", "model.int8.onnx")}
+    for name, content in earlier.items():
+        (out / name).write_bytes(content)
     path, args = tmp_path / "input.safetensors", []
     if case == "missing":
         path = tmp_path / "nothing.safetensors"
@@ -306,6 +338,15 @@ def test_cli_export_bad_input(digits_checkpoint: Path, tmp_path: Path, case: str
         save_file({"w": torch.zeros(2)}, str(path))
     elif case == "truncated":
         path.write_bytes(digits_checkpoint.read_bytes()[:-1000])
+    elif case == "damaged_metadata":
+        with safe_open(str(digits_checkpoint), framework="pt") as f:
+            rewrite_checkpoint(digits_checkpoint, path, architecture=f.metadata()["architecture"][:-10])
+    elif case == "unknown_architecture":
+        rewrite_checkpoint(digits_checkpoint, path, architecture=json.dumps({"nodes": 5}))
+    elif case == "wrong_shapes":
+        rewrite_checkpoint(digits_checkpoint, path, tensors={"0.weight": torch.zeros(3, 3)})
+    elif case == "op_needs_newer_opset":
+        path, args = layer_norm_checkpoint(tmp_path), ["--opset", "16"]
     else:
         path = digits_checkpoint
         args = ["--opset", "6"] if case == "opset" else ["--int8", "int4"]
@@ -315,5 +356,4 @@ def test_cli_export_bad_input(digits_checkpoint: Path, tmp_path: Path, case: str
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert output.count("error:") == 1 and phrase in output, output
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
-    assert (out / "model.onnx").read_bytes() == b"earlier export"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # nothing added, nothing changed

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from growc.deploy.compact import compact_file
+from growc.deploy.slim import SlimResult, slim_file
 from growc.errors import ExportError
 
 #: Largest |onnxruntime - torch| difference accepted on validation inputs.
@@ -26,11 +28,30 @@ class ExportResult:
     opset: int
     input_names: list[str]
     output_names: list[str]
+    slim: SlimResult | None = None  # None when slimming was not asked for
 
 
 def _with_batch_of_two(inputs: list[Tensor]) -> list[Tensor]:
     """A batch of 1 would be specialized away by the exporter; 2 keeps the batch axis dynamic."""
     return [x[:2] if x.shape[0] >= 2 else torch.cat([x, x])[:2] for x in inputs]
+
+
+def _ops_missing_at(model, opset: int) -> dict[str, int]:
+    """Standard ops of `model` that do not exist yet at `opset`, with the opset that added them."""
+    import onnx
+
+    missing = {}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in missing:
+            continue
+        try:
+            onnx.defs.get_schema(node.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            try:
+                missing[node.op_type] = onnx.defs.get_schema(node.op_type, "").since_version
+            except onnx.defs.SchemaError:
+                continue
+    return missing
 
 
 def export_onnx(
@@ -39,8 +60,10 @@ def export_onnx(
     path: str | Path,
     opset: int = DEFAULT_OPSET,
     check_inputs: list[Tensor] | None = None,
+    slim: bool = False,
 ) -> ExportResult:
-    """Export `model` to `path` with a dynamic batch axis; verify it with onnx.checker and
+    """Export `model` to `path` with a dynamic batch axis, cleaned by `compact` (and simplified
+    by onnxslim when `slim` and it helps); verify the file written with onnx.checker and
     onnxruntime on `check_inputs` (default: the examples). An existing file at `path` is only
     replaced by a verified export."""
     import onnx
@@ -75,14 +98,24 @@ def export_onnx(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {first}. Try another --opset") from None
     # The exporter falls back to its own opset when it cannot convert to the one asked for.
-    written = {o.domain: o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import}.get("")
+    written_model = onnx.load(str(tmp), load_external_data=False)
+    written = {o.domain: o.version for o in written_model.opset_import}.get("")
     if written is not None and written != opset:
         tmp.unlink(missing_ok=True)
+        missing = _ops_missing_at(written_model, opset)
+        if missing:
+            needs = ", ".join(f"{op} (opset {since}+)" for op, since in missing.items())
+            lowest = max(missing.values())
+            raise ExportError(f"opset {opset} cannot express {needs}: use --opset {lowest} or later")
         raise ExportError(f"torch.onnx.export cannot write opset {opset} (it wrote {written}): use --opset {written}")
+    inputs = [x.detach().cpu() for x in (check_inputs or example_inputs)]
+    slimmed = None
     try:
+        compact_file(tmp)
+        if slim:
+            slimmed = slim_file(tmp, [x.numpy() for x in inputs])
         onnx.checker.check_model(str(tmp), full_check=True)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        inputs = [x.detach().cpu() for x in (check_inputs or example_inputs)]
         with torch.no_grad():
             expected = model(*inputs)
         got = session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})[0]
@@ -96,4 +129,6 @@ def export_onnx(
             f"onnxruntime differs from torch by {diff:.2e} (> {MAX_ABS_DIFF:.0e}): the file was not written"
         )
     os.replace(tmp, path)
-    return ExportResult(path=path, max_abs_diff=diff, opset=opset, input_names=input_names, output_names=["output"])
+    return ExportResult(
+        path=path, max_abs_diff=diff, opset=opset, input_names=input_names, output_names=["output"], slim=slimmed
+    )

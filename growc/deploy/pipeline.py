@@ -23,7 +23,7 @@ from growc.deploy.freeze import check_same_outputs, freeze
 from growc.deploy.latency import Latency, measure_latency
 from growc.deploy.quantize import DEFAULT_TOLERANCE, MODES, QuantizeResult, accuracy, quantize, run_onnx
 from growc.deploy.standalone import generate, write_standalone
-from growc.errors import GrowcError
+from growc.errors import CheckpointError, GrowcError
 from growc.growth.checkpoint import load, read_metadata
 
 VAL_SAMPLES = 10_000  # the whole validation split of every built-in data set
@@ -66,6 +66,20 @@ def _load_data(data: str) -> tuple:
     return load_builtin(data)
 
 
+def _load_model(checkpoint: Path):
+    """The checkpoint's model; an architecture that does not rebuild is a damaged file, said so
+    (the loader reports its own errors as CheckpointError, anything else would be a traceback)."""
+    try:
+        return load(checkpoint)
+    except GrowcError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"the architecture stored in '{checkpoint}' cannot be rebuilt ({type(exc).__name__}: {exc}): "
+            "the file is damaged or was written by an incompatible growc version"
+        ) from None
+
+
 def _as_dataset(data):
     """The Dataset behind a DataLoader (its own batching is not needed here)."""
     return data.dataset if isinstance(data, DataLoader) else data
@@ -88,24 +102,12 @@ def _take(dataset, limit: int) -> tuple[list[Tensor], Tensor | None]:
     return joined, label
 
 
-def _strip_debug_info(path: Path) -> None:
-    """Drop the exporter's per-node stack traces: they hold local paths and a tenth of a small file."""
-    import onnx
-
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-    onnx.save(model, str(path))
-
-
-def _export(frozen, inputs: list[Tensor], path: Path, opset: int) -> ExportResult:
-    """Export, check and clean the ONNX file in a temporary folder; move it to `path` only when it
-    is good, so a failed export leaves the previous file in place."""
+def _export(frozen, inputs: list[Tensor], path: Path, opset: int, slim: bool) -> ExportResult:
+    """Export and check the ONNX file in a temporary folder; move it to `path` only when it is
+    good, so a failed export leaves the previous file in place."""
     with tempfile.TemporaryDirectory(prefix=".growc-export-", dir=path.parent) as work:
         tmp = Path(work) / path.name
-        exported = export_onnx(frozen, inputs, tmp, opset=opset, check_inputs=inputs)
-        _strip_debug_info(tmp)
+        exported = export_onnx(frozen, inputs, tmp, opset=opset, check_inputs=inputs, slim=slim)
         os.replace(tmp, path)
     exported.path = path
     return exported
@@ -121,9 +123,12 @@ def export_checkpoint(
     preprocessing: str | None = None,
     latency_repeats: int = 50,
     standalone: bool = True,
+    slim: bool = True,
 ) -> DeployResult:
     """Freeze the checkpoint's model and write model.onnx (+ model.int8.onnx), a card beside each,
-    and standalone/model.py + weights.safetensors to `out` (default: <checkpoint folder>/deploy)."""
+    and standalone/model.py + weights.safetensors to `out` (default: <checkpoint folder>/deploy).
+    `slim`: simplify model.onnx with onnxslim when it is installed and the result is smaller
+    with the same outputs (see `growc.deploy.slim`)."""
     checkpoint = Path(checkpoint)
     if int8 not in MODES:
         raise GrowcError(f"unknown --int8 mode '{int8}': choose none, dynamic or static")
@@ -131,7 +136,7 @@ def export_checkpoint(
         raise GrowcError(f"--int8-tolerance must be 0 or more accuracy points, got {int8_tolerance:g}")
     out = Path(out) if out is not None else checkpoint.parent / "deploy"
     meta = read_metadata(checkpoint)
-    model = load(checkpoint)
+    model = _load_model(checkpoint)
     train, val = _load_data(data)
     val_inputs, val_labels = _take(val, VAL_SAMPLES)
     try:
@@ -151,7 +156,7 @@ def export_checkpoint(
 
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
-    exported = _export(frozen, val_inputs, onnx_path, opset)
+    exported = _export(frozen, val_inputs, onnx_path, opset, slim)
     fp32_accuracy = accuracy(run_onnx(onnx_path, val_inputs), val_labels)
     result = DeployResult(
         out=out,
@@ -165,6 +170,8 @@ def export_checkpoint(
     extra = meta["extra"]
     growth_report = extra.get("report") or extra.get("run", {}).get("report")
     common = {"checkpoint": str(checkpoint), "data": data, "onnx_max_abs_diff": exported.max_abs_diff}
+    if exported.slim is not None:
+        common["onnxslim"] = exported.slim.as_json()
     result.cards.append(
         write_card(
             onnx_path,
