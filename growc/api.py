@@ -10,6 +10,7 @@ from torch import nn
 
 from growc.data import as_loader, load_builtin
 from growc.deploy.export import export_onnx
+from growc.errors import GrowcError
 from growc.graph.candidates import CandidateReport, find_width_sites
 from growc.graph.depth import find_depth_edges
 from growc.graph.trace import trace
@@ -45,9 +46,20 @@ def _first_inputs(loader, limit: int) -> list[torch.Tensor]:
     return [torch.cat([p[i] for p in parts])[:limit] for i in range(len(parts[0]))]
 
 
+def _export_advice(exc: GrowcError) -> str:
+    text = str(exc)
+    # The exporter's own exception (kept as the context) says what torch.export tripped on.
+    cause = f"{type(exc.__context__).__name__}: {exc.__context__}" if exc.__context__ is not None else ""
+    if "data-dependent" in (text + cause).lower() or "GuardOnDataDependent" in cause:
+        return (
+            "the model branches on tensor values (data-dependent control flow), which an ONNX graph "
+            "cannot hold; write the branch with torch.where or torch.cond"
+        )
+    return text.rstrip(".")
+
+
 def _check_settings(config: GrowthConfig) -> None:
     """Settings named by a string, checked before any work so a typo is one sentence."""
-    from growc.errors import GrowcError
     from growc.tiny.strategies import STRATEGIES
 
     if config.trigger not in ("epochs", "plateau"):
@@ -88,8 +100,6 @@ def grow_file(
     val_loader = as_loader(val, max(config.batch_size, 256), shuffle=False, seed=config.seed)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from growc.errors import GrowcError
-
         raise GrowcError("--device cuda was asked for but torch sees no GPU: use --device cpu")
     check_model_takes_data(user.model, train_loader, user.loss, device)
 
@@ -109,7 +119,14 @@ def grow_file(
     if not distributed.is_main():
         return result  # only rank 0 writes the ONNX file, report.json and the plots
     check_inputs = _first_inputs(val_loader, ONNX_CHECK_SAMPLES)
-    exported = export_onnx(result.model, check_inputs, out / "model.onnx", opset=opset, check_inputs=check_inputs)
+    try:
+        exported = export_onnx(result.model, check_inputs, out / "model.onnx", opset=opset, check_inputs=check_inputs)
+    except GrowcError as exc:
+        result.report.write(out / "report.json")
+        raise GrowcError(
+            f"growth finished ({out}/model.safetensors and report.json are written) but the ONNX export "
+            f"failed: {_export_advice(exc)}. Then run: growc export {out}/model.safetensors"
+        ) from None
     result.report.final.update(
         {
             "onnx_path": str(exported.path),

@@ -19,6 +19,7 @@ import growc
 import growc.api
 from growc.cli import app
 from growc.data import digits
+from growc.userfile import load_user_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits_mlp.py"
@@ -355,6 +356,67 @@ def test_model_that_fx_cannot_trace(tmp_path):
         """,
     )
     assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", *FAST), "could not trace", "--leaf")
+
+
+BRANCHY_SUBMODULE = """\
+import torch
+from torch import nn
+
+
+class Gate(nn.Module):
+    def forward(self, h):
+        if h.mean() > 0:  # data-dependent: fx cannot trace this
+            return h * 2
+        return h
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.gate, self.fc2 = nn.Linear(64, 4), Gate(), nn.Linear(4, 4)
+        self.out = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(self.gate(torch.relu(self.fc1(x))))))
+
+
+model = Model
+"""
+
+
+def test_data_dependent_submodule_names_the_leaf_and_grows_with_it(tmp_path):
+    path = tmp_path / "gated.py"
+    path.write_text(BRANCHY_SUBMODULE)
+    message = flat(assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", *FAST), "could not trace"))
+    assert "gated.py:7" in message and "--leaf gate" in message  # the line, and the way out
+    sites = {s.name for s in growc.api.candidates_of(load_user_file(path).model, leaf_modules=["gate"]).sites}
+    assert sites == {"fc2"}  # fc1 feeds the opaque gate: left intact; fc2 grows around it
+    # With the leaf the run traces and grows; the branch on a tensor's value cannot become an
+    # ONNX graph, and the error says so after the checkpoint is safe.
+    message = flat(
+        assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", "--leaf", "gate", *FAST), "growth finished")
+    )
+    assert "data-dependent control flow" in message and "torch.where" in message
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["final"]["final_params"] > 0
+    assert growc.load_into(load_user_file(path).model, tmp_path / "o" / "model.safetensors") is not None
+
+
+def test_untraceable_submodule_as_a_leaf_grows_and_exports(tmp_path):
+    """A branch fx cannot trace but export can (on the input's rank): with --leaf the whole
+    run completes, ONNX included."""
+    path = tmp_path / "ranked.py"
+    path.write_text(
+        BRANCHY_SUBMODULE.replace("if h.mean() > 0:  # data-dependent: fx cannot trace this", "if h.dim() == 2:")
+    )
+    assert_clean_failure(run_cli("grow", path, "--out", tmp_path / "o", *FAST), "could not trace", "--leaf gate")
+    result = run_cli("grow", path, "--out", tmp_path / "o", "--leaf", "gate", *FAST)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "model.onnx").is_file()
+
+
+def test_concrete_args_must_be_name_equals_literal(tmp_path):
+    result = run_cli("grow", EXAMPLE, "--out", tmp_path / "o", "--concrete", "x", *FAST)
+    assert_clean_failure(result, "--concrete takes NAME=VALUE")
 
 
 def test_model_with_nothing_to_grow(tmp_path):

@@ -47,3 +47,12 @@ def test_cnn_example_grows_channels_and_exports(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
     out = session.run(None, {"input": torch.randn(3, 1, 8, 8).numpy()})[0]
     assert out.shape == (3, 10)
+
+
+def test_stepwise_api_example_runs_end_to_end():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "api_stepwise.py")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "also writing: back" in done.stdout  # the residual stream is one site
+    assert "bottleneck" in done.stdout and "grew" in done.stdout and "model.onnx" in done.stdout

@@ -128,3 +128,38 @@ def test_zoo_model_grows_through_the_cli_and_exports(cls, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["final"]["onnx_max_abs_diff"] <= 1e-5
     assert (out / "model.onnx").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_optimizer_state_follows_units_inserted_between_old_ones():
+    """Growing the first branch of a concatenation inserts its units in the middle of the
+    reader's inputs: Adam's moments move with the old columns, the new ones start at zero,
+    and taking the growth back restores the state exactly."""
+    from zoo import Inception
+
+    from growc.graph.rewrite import carry_optimizer_state, uncarry_optimizer_state
+
+    torch.manual_seed(0)
+    x = inputs_for(Inception())
+    graph = trace(Inception())
+    site = next(s for s in find_width_sites(graph).sites if s.name == "b1")
+    assert site.inserts_between == ("mix",)
+    optimizer = torch.optim.Adam(graph.parameters(), lr=1e-3)
+    graph(*x).square().mean().backward()
+    optimizer.step()
+    mix = graph.get_submodule("mix")
+    moments = optimizer.state[mix.weight]["exp_avg"].clone()  # (4, 6, 1, 1): b1's 3 channels, then b2's 3
+    units = NewUnits(rows=torch.randn(2, 2), bias=torch.randn(2), omega=torch.randn(4, 2), omega_rows=[4])
+    growth = SiteGrowth(graph, site, units)
+    growth.set_amplitude(1.0)
+    carry_optimizer_state([optimizer], growth.parameter_swaps)
+    grown = optimizer.state[mix.weight]["exp_avg"]
+    assert mix.weight.shape[1] == 8 and grown.shape[1] == 8
+    torch.testing.assert_close(grown[:, :3], moments[:, :3])
+    torch.testing.assert_close(grown[:, 5:], moments[:, 3:])  # b2's columns moved past the new units
+    assert not grown[:, 3:5].any()
+    torch.testing.assert_close(mix.weight[:, 3:5, 0, 0], units.omega)  # the new columns hold omega
+    uncarry_optimizer_state([optimizer], growth.parameter_swaps)
+    growth.undo()
+    assert mix.weight.shape[1] == 6
+    torch.testing.assert_close(optimizer.state[mix.weight]["exp_avg"], moments)
+    assert graph(*x).shape == (6, 3)

@@ -119,6 +119,24 @@ class WithAttention(nn.Module):
         return self.fc2(torch.relu(self.fc1(h.mean(1))))
 
 
+class LayerScale(nn.Module):
+    """A residual stream with a broadcast term (like a position embedding) and a per-channel
+    layer scale on the branch (ConvNeXt-style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 4, 1, 1) * 0.1)
+        self.c1, self.c2 = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+        self.gamma = nn.Parameter(torch.full((4, 1, 1), 0.5))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x)) + self.pos
+        h = h + self.gamma * self.c2(torch.relu(self.c1(h)))
+        return self.head(h.mean((2, 3)))
+
+
 def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shapes = {
@@ -131,8 +149,9 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         MobileBlock: [(2, 8, 8)],
         TwoInputs: [(12,), (4,)],
         WithAttention: [(4, 6)],
+        LayerScale: [(2, 8, 8)],
     }[type(model)]
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
 
-ZOO = [MLP, ConvBN, ResBlock, Inception, Mixer, Functional, MobileBlock, TwoInputs, WithAttention]
+ZOO = [MLP, ConvBN, ResBlock, Inception, Mixer, Functional, MobileBlock, TwoInputs, WithAttention, LayerScale]

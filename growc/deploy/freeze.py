@@ -152,6 +152,8 @@ def _drop_dead_neurons(gm: fx.GraphModule) -> None:
     the output: remove its output from the producer and its inputs from the consumers."""
     layers = (nn.Linear, nn.Conv2d)
     for site in find_width_sites(gm).sites:
+        if not site.is_chain:
+            continue  # tied layers (residual streams, concatenations, carriers) keep all their units
         producer, consumers = site.modules(gm)
         if site.norm or not all(type(m) in layers for m in [producer, *consumers]):
             continue  # a BatchNorm left in the path (not foldable) would need its entries cut too

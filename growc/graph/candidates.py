@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -52,6 +53,7 @@ class WidthSite:
     carriers: tuple[str, ...] = ()  # depthwise convs and other BatchNorms the units pass through
     attached: tuple[str, ...] = ()  # readers outside the statistics: zero columns, learnt in training
     slots: tuple[tuple[str, Slot], ...] = ()  # readers that see the units after a concatenation
+    broadcasts: tuple[tuple[str, float], ...] = ()  # tensors broadcast onto the units, new entries' value
 
     @property
     def readers(self) -> tuple[str, ...]:
@@ -66,7 +68,17 @@ class WidthSite:
     @property
     def is_chain(self) -> bool:
         """One layer's units read directly by others: nothing tied, nothing concatenated."""
-        return not (self.writers or self.carriers or self.attached or self.slots)
+        return not (self.writers or self.carriers or self.attached or self.slots or self.broadcasts)
+
+    def broadcast_dim(self, root: nn.Module, path: str) -> int | None:
+        """The dimension of a broadcast tensor that runs along the units (None: it has size 1
+        there, nothing to grow)."""
+        tensor = _tensor_at(root, path)
+        conv = isinstance(root.get_submodule(self.producer), nn.Conv2d)
+        dim = tensor.dim() - (3 if conv else 1)  # (C, 1, 1) against (B, C, H, W); (..., D) against (..., D)
+        if dim < 0 or tensor.shape[dim] not in (1, self.width(root)):
+            raise Ungrowable(f"the tensor '{path}' of shape {tuple(tensor.shape)} does not line up with the units")
+        return None if tensor.shape[dim] == 1 and self.width(root) != 1 else dim
 
     @property
     def inserts_between(self) -> tuple[str, ...]:
@@ -125,7 +137,16 @@ class WidthSite:
         for name in self.readers:
             layer = root.get_submodule(name)
             total += handler_for(layer).params_per_input(layer, self.spatial_size(root, name))
+        for path, _ in self.broadcasts:
+            dim, tensor = self.broadcast_dim(root, path), _tensor_at(root, path)
+            if dim is not None and isinstance(tensor, nn.Parameter):
+                total += tensor.numel() // tensor.shape[dim]
         return total
+
+
+def _tensor_at(root: nn.Module, path: str) -> torch.Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(root.get_submodule(owner), attr)
 
 
 @dataclass
@@ -147,6 +168,8 @@ def describe_ties(site: WidthSite) -> str:
         parts.append("also reading: " + ", ".join(site.attached))
     if site.slots:
         parts.append("concatenated into: " + ", ".join(reader for reader, _ in site.slots))
+    if site.broadcasts:
+        parts.append("broadcast: " + ", ".join(path for path, _ in site.broadcasts))
     return "; ".join(parts)
 
 
@@ -196,7 +219,7 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> WidthSite:
     value = primary[0][1]
     slope, act = value.slopes[0] if value.slopes else (1.0, "identity")
     norms = {n: n.args[0] for n in group.nodes if isinstance(module_of(gm, n), _BATCHNORMS)}
-    return WidthSite(
+    site = WidthSite(
         name=str(source.target),
         producer=str(source.target),
         consumers=consumers,
@@ -216,7 +239,11 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> WidthSite:
         slots=tuple(
             (r, Slot(*values[read].slot)) for r, (_, read) in zip(readers, group.readers) if any(values[read].slot)
         ),
+        broadcasts=tuple(group.broadcasts),
     )
+    for path, _ in site.broadcasts:
+        site.broadcast_dim(gm, path)  # raises where the tensor does not line up with the units
+    return site
 
 
 def _best_site(gm: fx.GraphModule, group: Group) -> WidthSite:

@@ -31,6 +31,7 @@ _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMa
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _ADDS = {operator.add, torch.add, operator.iadd}
+_MULS = {operator.mul, torch.mul, operator.imul}
 # Not zero at zero: a writer's zero rows would not give zero units through them.
 _NOT_ZERO_AT_ZERO = {"Sigmoid", "sigmoid", "Softplus", "softplus"}
 
@@ -47,6 +48,9 @@ class Group:
     writers: list[fx.Node] = field(default_factory=list)  # layers whose outputs are the units
     readers: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # (reader layer, node it reads)
     cat_slots: dict[fx.Node, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    # Tensors of the module broadcast onto the units (position embeddings added, scales
+    # multiplied): (path, the value of their new entries: 0 for a term, 1 for a factor).
+    broadcasts: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,12 @@ def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _ADDS) or (
         node.op == "call_method" and node.target in ("add", "add_")
+    )
+
+
+def _is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MULS) or (
+        node.op == "call_method" and node.target in ("mul", "mul_")
     )
 
 
@@ -194,6 +204,17 @@ class _Walk:
         if _is_cat(user):
             self._enter_cat(node, user)
             return
+        if _is_mul(user):
+            others = [a for a in _tensor_args(user) if a is not node]
+            if not others or any(a.op != "get_attr" for a in others):
+                raise Ungrowable(
+                    f"'{user.name}' multiplies it by another computed tensor (a gate), which growc cannot widen"
+                )
+            self.group.broadcasts += [
+                (str(a.target), 1.0) for a in others if (str(a.target), 1.0) not in self.group.broadcasts
+            ]
+            self._add_member(user)
+            return
         if not _only_input(user, node):
             raise Ungrowable(f"'{user.name}' combines it with another tensor in a way growc cannot widen")
         module = module_of(self.gm, user)
@@ -213,6 +234,11 @@ class _Walk:
             return
         if isinstance(module, nn.Conv2d):
             raise Ungrowable(f"it is read by the grouped or padded conv '{user.name}', which growc cannot widen")
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+            raise Ungrowable(
+                f"the {type(module).__name__} '{user.name}' normalizes across these units: a new unit would "
+                "change every old unit's output, so growth could not start from the same function"
+            )
         what = f"the {type(module).__name__} '{user.name}'" if module is not None else f"'{user.name}'"
         raise Ungrowable(f"its units go through {what}, which growc cannot widen")
 
@@ -235,8 +261,22 @@ class _Walk:
                 return
             if node.op == "placeholder":
                 raise Ungrowable(f"the model input '{node.name}' is added to it in '{add.name}': its size is fixed")
-            if node.op == "get_attr":
-                raise Ungrowable(f"the tensor '{node.target}' is added to it in '{add.name}'")
+            if node.op == "get_attr":  # a position embedding or bias: grows with zeros
+                if len(node.users) > 1:
+                    raise Ungrowable(f"the tensor '{node.target}' added to it in '{add.name}' is also used elsewhere")
+                self.group.broadcasts.append((str(node.target), 0.0))
+                return
+            if _is_mul(node):  # a layer scale on the branch: x + gamma * f(x)
+                params = [a for a in _tensor_args(node) if a.op == "get_attr"]
+                rest = [a for a in _tensor_args(node) if a.op != "get_attr"]
+                if len(rest) != 1 or not params:
+                    raise Ungrowable(
+                        f"'{node.name}' is added to it in '{add.name}' and growc cannot tell what writes it"
+                    )
+                self.group.broadcasts += [(str(a.target), 1.0) for a in params]
+                self._add_member(node)
+                node = rest[0]
+                continue
             carries = isinstance(module, _BATCHNORMS) or is_depthwise(module) or elementwise_slope(self.gm, node)[0]
             if not carries or activation_name(self.gm, node) in _NOT_ZERO_AT_ZERO:
                 raise Ungrowable(f"'{node.name}' is added to it in '{add.name}' and growc cannot tell what writes it")

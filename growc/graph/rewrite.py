@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
-from growc.graph.handlers import BATCHNORM, DEPTHWISE, TensorSwap, handler_for, is_depthwise, sync_sizes
+from growc.graph.handlers import BATCHNORM, DEPTHWISE, TensorSwap, extend, handler_for, is_depthwise, sync_sizes
 
 
 @dataclass
@@ -53,6 +53,7 @@ class SiteGrowth:
         # Where each reader takes the new units, read before anything grows (offsets and the
         # features per channel depend on the current widths).
         places = {r: (site.insertion_index(root, r), site.spatial_size(root, r)) for r in site.readers}
+        broadcast_dims = {path: site.broadcast_dim(root, path) for path, _ in site.broadcasts}
         # Other sites may have grown in the same step since the units were solved: the producer
         # may have new inputs and a consumer new outputs. Those connect with zeros.
         flat_in = p_handler.in_size(producer) * p_handler.taps(producer)
@@ -78,6 +79,14 @@ class SiteGrowth:
                 else:
                     self.swaps.append(swap)  # bias stays 0; running stats are set once
         self._grow_tied(root, k, rows)
+        for path, fill in site.broadcasts:
+            dim = broadcast_dims[path]
+            if dim is not None:
+                owner, _, attr = path.rpartition(".")
+                module = root.get_submodule(owner)
+                shape = list(getattr(module, attr).shape)
+                shape[dim] = k
+                self.swaps.append(extend(module, attr, rows.new_full(shape, fill), dim))
         start = 0
         for name, solved in zip(site.consumers, units.omega_rows):
             consumer = root.get_submodule(name)

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from growc.errors import GrowcError
 from growc.graph.candidates import WidthSite, find_width_sites
-from growc.graph.depth import DepthSite, find_depth_edges
+from growc.graph.depth import find_depth_edges
 from growc.graph.flops import multiply_adds
 from growc.graph.trace import parameter_count, trace
 from growc.growth import distributed
@@ -24,7 +24,7 @@ from growc.growth.config import GrowthConfig
 from growc.growth.report import GrowthReport, StepRecord
 from growc.growth.run_state import RunState, restore_optimizer, restore_random_states
 from growc.growth.run_state import pack as run_state_pack
-from growc.growth.step import LineSearchBatch, allocate, assess_sites, grow_site
+from growc.growth.step import LineSearchBatch, allocate, assess_sites, grow_allocated
 from growc.growth.train import LossFn, evaluate, make_optimizer, split_batch, train_epoch
 from growc.tiny.strategies import make_strategy
 
@@ -345,32 +345,14 @@ def _growth_step(
     start = time.perf_counter()
     assessments = assess_sites(graph, sites, collector.accumulators, config)
     record.seconds["solve"] = time.perf_counter() - start
-    record.bottlenecks = {
-        a.site.name: {
-            "bottleneck": a.solution.bottleneck,
-            "relative": a.solution.relative_bottleneck,
-            "best_gain": float(a.solution.neurons.lambdas[0] ** 2) if a.solution.neurons.count else 0.0,
-            "significant": a.significant,
-        }
-        for a in assessments
-    }
+    record.bottlenecks = {a.site.name: a.summary() for a in assessments}
     budget = None if config.max_params is None else config.max_params - params
     counts = allocate(assessments, budget)
     start = time.perf_counter()
-    widened: set[str] = set()  # layers whose input dimension grew in this step
-    blocks = False
-    undos = []
-    # Width first, then new blocks; a block on an edge whose width just changed waits a step
-    # (its statistics were taken at the old width).
-    for a in sorted(assessments, key=lambda a: (isinstance(a.site, DepthSite), -a.value(0) if a.significant else 0.0)):
-        if counts.get(a.site.name, 0) == 0 or (isinstance(a.site, DepthSite) and a.site.consumer in widened):
-            continue
-        grown, undo = grow_site(graph, a, counts[a.site.name], strategy, [optimizer], search_batch, config, generator)
-        record.grown.append(grown)
-        undos.append(undo)
-        if grown.neurons:
-            widened.update(a.site.readers if isinstance(a.site, WidthSite) else ())
-            blocks |= isinstance(a.site, DepthSite)
+    grown, undos, blocks = grow_allocated(
+        graph, assessments, counts, strategy, [optimizer], search_batch, config, generator
+    )
+    record.grown.extend(grown)
     after = search_batch.loss(graph) if undos else 0.0
     if not math.isfinite(after):
         # Each site's amplitude was safe on its own; together they broke the loss: take it all back.

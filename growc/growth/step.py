@@ -40,6 +40,17 @@ class SiteAssessment:
     column_rms: float  # RMS norm of the consumers' existing input columns
     input_mean: torch.Tensor  # E[b'], for the running mean of new BatchNorm entries
 
+    def summary(self) -> dict[str, float | int]:
+        """What the method says about the site, in numbers: its expressivity bottleneck (absolute
+        and relative to the gradient energy), the best neuron's first-order gain, and how many
+        neurons pass the significance test."""
+        return {
+            "bottleneck": self.solution.bottleneck,
+            "relative": self.solution.relative_bottleneck,
+            "best_gain": float(self.solution.neurons.lambdas[0] ** 2) if self.solution.neurons.count else 0.0,
+            "significant": self.significant,
+        }
+
     def value(self, k: int) -> float:
         """First-order loss decrease per parameter of the k-th neuron (0-based): the ranking key."""
         lam2 = float(self.solution.neurons.lambdas[k]) ** 2 * self.solution.rows_per_sample
@@ -307,6 +318,36 @@ def grow_site(
             restore_update()
 
     return record, undo
+
+
+def grow_allocated(
+    model: nn.Module,
+    assessments: list[SiteAssessment],
+    counts: dict[str, int],
+    strategy: Strategy,
+    optimizers: list[torch.optim.Optimizer],
+    batch: LineSearchBatch,
+    config: GrowthConfig,
+    generator: torch.Generator,
+) -> tuple[list[SiteGrowthRecord], list[Callable[[], None]], bool]:
+    """Grow every site that `counts` gives neurons, best first; returns the records, a function
+    per site that takes its change back, and whether a block was inserted (the graph changed).
+
+    Width first, then new blocks; a block on an edge whose width just changed waits a step (its
+    statistics were taken at the old width)."""
+    widened: set[str] = set()  # layers whose input dimension grew in this step
+    records, undos, blocks = [], [], False
+    order = sorted(assessments, key=lambda a: (isinstance(a.site, DepthSite), -a.value(0) if a.significant else 0.0))
+    for a in order:
+        if counts.get(a.site.name, 0) == 0 or (isinstance(a.site, DepthSite) and a.site.consumer in widened):
+            continue
+        record, undo = grow_site(model, a, counts[a.site.name], strategy, optimizers, batch, config, generator)
+        records.append(record)
+        undos.append(undo)
+        if record.neurons:
+            widened.update(a.site.readers if isinstance(a.site, WidthSite) else ())
+            blocks |= isinstance(a.site, DepthSite)
+    return records, undos, blocks
 
 
 def _no_growth(a: SiteAssessment, observed: float, predicted: float, fraction: float, restore_update) -> tuple:
