@@ -54,6 +54,40 @@ def test_zoo_model_candidates_exact_growth_and_export(cls, tmp_path):
 
 
 @pytest.mark.parametrize("cls", ZOO, ids=lambda c: c.__name__)
+def test_zoo_model_every_block_insertion_is_exact_at_zero_and_exports(cls, tmp_path):
+    """A residual block on every depth edge at once: nothing changes at amplitude 0, the
+    output moves at amplitude 1, and the deeper graph still exports with parity."""
+    from growc.graph.depth import DepthGrowth
+
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = inputs_for(model)
+    graph = trace(model)
+    edges = find_depth_edges(graph)
+    assert edges, "every zoo model has an edge where a block fits"
+    with torch.no_grad():
+        before = graph(*x)
+        blocks = []
+        for edge in edges:
+            d = edge.channels(graph)
+            taps = 9 if edge.conv else 1
+            block = DepthGrowth(graph, edge, torch.randn(3, d * taps), torch.randn(3), torch.randn(d, 3))
+            block.set_amplitude(0.0)
+            blocks.append(block)
+        torch.testing.assert_close(graph(*x), before, rtol=1e-5, atol=1e-6)
+        for block in blocks:
+            block.set_amplitude(1.0)
+        deeper = graph(*x)
+        assert not torch.allclose(deeper, before)
+    result = export_onnx(graph, x, tmp_path / "deeper.onnx", check_inputs=inputs_for(model, batch=5))
+    assert result.max_abs_diff <= 1e-5 * max(1.0, float(deeper.abs().max()))  # float32 rounding, relative
+    for block in reversed(blocks):
+        block.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(graph(*x), before, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", ZOO, ids=lambda c: c.__name__)
 def test_zoo_growth_with_real_neurons_lowers_the_training_loss(cls):
     """Each site, grown alone from the same statistics with TINY neurons and their line-searched
     amplitude, never raises the loss, and at least one site of every model lowers it."""
