@@ -1,7 +1,8 @@
 """`python -m benchmarks SUITE [--device cpu|cuda] [--seeds N] [--quick] [--out DIR] [--data-dir DIR]`
 
 Suites: overhead (growth cost per step relative to a training epoch), mnist-mlp (the paper's MNIST
-MLP experiment: TINY vs random vs GradMax growth, retrained and large fixed baselines).
+MLP experiment: TINY vs random vs GradMax growth, retrained and large fixed baselines), mnist1d
+(MLP and CNN on MNIST-1D), peer (growc vs gromo), cifar10-resnet (a small ResNet grown from 1/8 width).
 Each suite writes SUITE.md, SUITE.json and SUITE.png (SUITE-quick.* with --quick) into --out and
 prints the table.
 """
@@ -14,12 +15,18 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import mnist_mlp, overhead
+from benchmarks import cifar10_resnet, mnist1d, mnist_mlp, overhead, peer
 from benchmarks.common import DEFAULT_DATA_DIR, DEFAULT_OUT, MissingData
 
 SUITES = {
     "overhead": (overhead, "growth overhead per step relative to one training epoch (MNIST MLP, CIFAR-10 CNN)"),
     "mnist-mlp": (mnist_mlp, "MNIST MLP grown from [1, 1]: tiny vs random vs gradmax, retrained, [1000, 1000]"),
+    "mnist1d": (mnist1d, "MNIST-1D MLP and CNN grown from tiny: tiny vs random, retrained, published and large fixed"),
+    "peer": (peer, "growc vs gromo (the reference library, in its own venv) growing the same MNIST MLP"),
+    "cifar10-resnet": (
+        cifar10_resnet,
+        "small ResNet grown from 1/8 width (and with depth) vs full width, same wall time",
+    ),
 }
 
 

@@ -12,12 +12,10 @@ validation set: growth decisions do not look at them, only the report does).
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -39,10 +37,9 @@ from benchmarks.common import (
     subset,
     write_outputs,
 )
+from benchmarks.growth_runs import Progress, condensed, growth_config, interpolate, summaries
 from growc import GrowthConfig, grow
 from growc.data import as_loader, mnist
-from growc.growth.loop import Observer
-from growc.growth.report import StepRecord
 from growc.growth.train import evaluate, make_optimizer, train_epoch
 
 STRATEGIES = ("tiny", "random", "gradmax")
@@ -53,44 +50,15 @@ TARGET_PARAMS = 100_000
 TARGET_GAP = 0.003
 
 
-class _Progress(Observer):
-    def __init__(self, label: str) -> None:
-        self.label = label
-
-    def step_end(self, record: StepRecord) -> None:
-        acc = record.val_accuracy if record.val_accuracy is not None else math.nan
-        grown = ", ".join(f"{g.site}+{g.neurons}" for g in record.grown if g.neurons) or "none"
-        log(f"  {self.label} step {record.step}: {record.params:,} params, test acc {acc:.4f}, grown {grown}")
-
-
 def _config(args: argparse.Namespace, strategy: str, seed: int) -> GrowthConfig:
-    return GrowthConfig(
-        steps=args.steps,
-        epochs=args.epochs,
-        final_epochs=args.final_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
+    return growth_config(
+        args,
         strategy=strategy,
+        seed=seed,
         max_params=args.max_params,
         patience=args.patience,
         significance_z=args.significance_z,
-        seed=seed,
-        device=args.device,
     )
-
-
-def _condensed(record: StepRecord) -> dict[str, Any]:
-    return {
-        "step": record.step,
-        "params": record.params,
-        "params_after": record.params_after,
-        "val_accuracy": record.val_accuracy,
-        "train_loss": record.train_loss,
-        "widths": record.widths,
-        "grown": {g.site: g.neurons for g in record.grown},
-        "seconds": record.seconds,
-        "note": record.note,
-    }
 
 
 def run_growth(
@@ -102,7 +70,7 @@ def run_growth(
     train_loader = as_loader(train, args.batch_size, shuffle=True, seed=seed)
     val_loader = as_loader(val, 1000, shuffle=False, seed=0)
     with Stopwatch(args.device) as watch:
-        result = grow(model, train_loader, val_loader, nn.functional.cross_entropy, config, _Progress(strategy))
+        result = grow(model, train_loader, val_loader, nn.functional.cross_entropy, config, Progress(strategy))
     report = result.report
     steps = report.steps
     epochs = (len(steps) - 1) * args.epochs + (args.final_epochs if args.final_epochs is not None else args.epochs)
@@ -125,7 +93,7 @@ def run_growth(
             "seconds_by_part": growth_seconds,
             "stop_reason": report.stop_reason,
             "curve": growth_points,
-            "steps": [_condensed(s) for s in steps],
+            "steps": [condensed(s) for s in steps],
         },
         model,
     )
@@ -161,40 +129,6 @@ def train_fixed(
         "seconds": watch.seconds,
         "history": history,
     }
-
-
-def interpolate(curve: list[tuple[int, float]], params: float) -> float | None:
-    """Accuracy of a growth curve at `params`, linear in log(params); None outside its range."""
-    points = [(p, a) for p, a in curve if a is not None]
-    if not points or params < points[0][0] or params > points[-1][0]:
-        return None
-    xs = np.log([p for p, _ in points])
-    ys = np.array([a for _, a in points])
-    # Several records can share a parameter count (a step that grew nothing): keep the last.
-    keep = np.append(np.diff(xs) > 0, True)
-    xs, ys = xs[keep], ys[keep]
-    if len(xs) == 1:
-        return float(ys[0])
-    return float(np.interp(math.log(params), xs, ys))
-
-
-def _summaries(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    methods: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        methods.setdefault(r["method"], []).append(r)
-    out = {}
-    for method, group in methods.items():
-        out[method] = {
-            "seeds": len(group),
-            "accuracy": median([r["accuracy"] for r in group]),
-            "accuracy_all": [r["accuracy"] for r in group],
-            "params": median([r["params"] for r in group]),
-            "macs": median([r["macs"] for r in group]),
-            "epochs": median([r["epochs"] for r in group]),
-            "seconds": median([r["seconds"] for r in group]),
-            "widths": [r["widths"] for r in group],
-        }
-    return out
 
 
 def _equal_params(runs: list[dict[str, Any]], strategies: list[str]) -> dict[int, dict[str, float | None]]:
@@ -321,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
             log(f"seed {seed}: training the fixed {args.large_widths} MLP for {large_epochs} epochs")
             runs.append(train_fixed("large fixed", args.large_widths, large_epochs, train, val, args, seed))
 
-    summary = _summaries(runs)
+    summary = summaries(runs)
     equal = _equal_params(runs, strategies)
     info = machine(args.device)
 
