@@ -259,10 +259,14 @@ def inspect(
     model_file: Annotated[Path, typer.Argument(help="Python file defining `model`")],
     leaf: Annotated[Optional[list[str]], typer.Option(help="submodule to keep opaque when tracing")] = None,
 ) -> None:
-    """List the growth sites growc finds in MODEL_FILE's model, and what it cannot grow and why."""
+    """List the growth sites growc finds in MODEL_FILE's model, and what it cannot grow and why;
+    for an .onnx file, what it holds and its onnxruntime latency."""
     from growc.api import candidates_of
     from growc.userfile import load_user_file
 
+    if model_file.suffix == ".onnx":
+        _inspect_onnx(model_file)
+        return
     try:
         user = load_user_file(model_file)
         report = candidates_of(user.model, leaf_modules=leaf or [])
@@ -295,6 +299,35 @@ def inspect(
     console.print(table)
     for name, why in report.skipped:
         console.print(f"[dim]not growable[/] {name}: {why}")
+
+
+def _inspect_onnx(path: Path) -> None:
+    from growc.deploy.onnx_info import describe_onnx
+
+    try:
+        info = describe_onnx(path)
+    except GrowcError as exc:
+        _fail(str(exc))
+    table = Table(title=f"{path}: {info.size_bytes:,} bytes, opset {info.opset}", title_justify="left")
+    for column in ("", "name", "shape", "type"):
+        table.add_column(column)
+    for kind, values in (("input", info.inputs), ("output", info.outputs)):
+        for name, shape, element in values:
+            table.add_row(kind, name, str(shape), element)
+    console.print(table)
+    console.print(f"{info.parameters:,} weights; ops: " + ", ".join(f"{op} x{n}" for op, n in info.ops.most_common()))
+    card = info.card or {}
+    recorded = card.get("latency_ms") or {}
+    torch_ms = {b: (recorded.get(f"batch_{b}") or {}).get("torch_eager") for b in info.latency_ms}
+    latency = Table(title="latency, median ms per call (CPU)", title_justify="left")
+    for column in ("batch", "onnxruntime (now)", "torch eager (model card)"):
+        latency.add_column(column)
+    for batch, ms in info.latency_ms.items():
+        eager = torch_ms.get(batch)
+        latency.add_row(str(batch), f"{ms:.3f}", f"{eager:.3f}" if isinstance(eager, (int, float)) else "-")
+    console.print(latency)
+    if card.get("accuracy") is not None:
+        console.print(f"model card: validation accuracy {card['accuracy']:.2%}")
 
 
 @app.command()

@@ -497,3 +497,17 @@ def test_the_real_command_fails_cleanly(tmp_path, name, source, phrase):
     assert "Traceback" not in proc.stdout + proc.stderr
     assert phrase in flat(proc.stderr)
     assert flat(proc.stderr).count("error:") == 1
+
+
+def test_inspect_an_onnx_file_shows_its_io_and_latency(tmp_path):
+    from growc.deploy.export import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 5), torch.nn.ReLU(), torch.nn.Linear(5, 10))
+    export_onnx(model, [torch.randn(4, 64)], tmp_path / "m.onnx")
+    result = run_cli("inspect", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "['batch', 64]" in text and "['batch', 10]" in text and "Gemm x2" in text
+    assert "onnxruntime (now)" in text
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    assert_clean_failure(run_cli("inspect", tmp_path / "bad.onnx"), "is not a valid ONNX model")

@@ -116,6 +116,12 @@ def test_zoo_growth_with_real_neurons_lowers_the_training_loss(cls):
     for a in assess_sites(graph, sites, collector.accumulators, config):
         _, undo = grow_site(graph, a, 2, make_strategy("tiny"), [], batch, config, torch.Generator().manual_seed(0))
         gains[a.site.name] = before - batch.loss(graph)
+        # The user's module grew in place with the graph (lifted F.linear and root Parameters
+        # included): the same outputs, and every Parameter of the user's at the graph's shape.
+        with torch.no_grad():
+            torch.testing.assert_close(model(*x), graph(*x))
+        shapes = {tuple(p.shape) for p in graph.parameters()}
+        assert all(tuple(p.shape) in shapes for p in model.parameters())
         undo()
         assert batch.loss(graph) == pytest.approx(before, abs=1e-6), f"undoing {a.site.name} restores the model"
     assert min(gains.values()) >= -1e-6, gains

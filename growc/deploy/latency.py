@@ -36,7 +36,7 @@ def _batch_of(inputs: Sequence[Tensor], size: int) -> list[Tensor]:
     return out
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
     for _ in range(warmup):  # first runs allocate, pick kernels, fill caches
         fn()
     times = []
@@ -78,8 +78,8 @@ def measure_latency(
         results.append(
             Latency(
                 batch=size,
-                onnxruntime_ms=_median_ms(run_ort, repeats, warmup),
-                torch_ms=_median_ms(run_torch, repeats, warmup),
+                onnxruntime_ms=median_ms(run_ort, repeats, warmup),
+                torch_ms=median_ms(run_torch, repeats, warmup),
             )
         )
     return results

@@ -187,8 +187,9 @@ def _geometry(module: nn.Module) -> tuple:
     return ("linear",)
 
 
-def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> WidthSite:
-    """The site that grows `group` with new neurons in `source`."""
+def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[WidthSite, int]:
+    """The site that grows `group` with new neurons in `source`, and how many readers the
+    neurons reach (the others read the group upstream of the source, where the units are 0)."""
     values = trace_values(gm, group, source)
     conv = isinstance(module_of(gm, source), nn.Conv2d)
     if any(isinstance(module_of(gm, w), nn.Conv2d) != conv for w in group.writers):
@@ -243,12 +244,12 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> WidthSite:
     )
     for path, _ in site.broadcasts:
         site.broadcast_dim(gm, path)  # raises where the tensor does not line up with the units
-    return site
+    return site, sum(len(members) for members in classes.values())
 
 
 def _best_site(gm: fx.GraphModule, group: Group) -> WidthSite:
-    """Of the group's writers, the source whose neurons reach the most measured readers (then
-    the one with the widest input: the richest view of the data)."""
+    """Of the group's writers, the source whose neurons reach the most readers, then the most
+    measured ones, then the one with the widest input (the richest view of the data)."""
     sites, reasons = [], []
     for source in group.writers:
         try:
@@ -258,12 +259,13 @@ def _best_site(gm: fx.GraphModule, group: Group) -> WidthSite:
     if not sites:
         raise Ungrowable(reasons[0])
 
-    def rank(site: WidthSite) -> tuple[int, int]:
+    def rank(found: tuple[WidthSite, int]) -> tuple[int, int, int]:
+        site, reached = found
         producer = gm.get_submodule(site.producer)
         handler = handler_for(producer)
-        return len(site.consumers), handler.in_size(producer) * handler.taps(producer)
+        return reached, len(site.consumers), handler.in_size(producer) * handler.taps(producer)
 
-    return max(sites, key=rank)
+    return max(sites, key=rank)[0]
 
 
 def _shared(gm: fx.GraphModule, group: Group, calls: Counter) -> str | None:

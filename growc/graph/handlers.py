@@ -7,6 +7,7 @@ as a `TensorSwap` so the caller can carry optimizer state over or undo it.
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -58,10 +59,7 @@ class TensorSwap:
         return torch.cat(kept, dim=self.dim)
 
     def undo(self) -> None:
-        if self.is_parameter:
-            setattr(self.module, self.attr, self.old)
-        else:
-            self.module.register_buffer(self.attr, self.old)
+        _assign(self.module, self.attr, self.old)
 
 
 def _grown_shape(value: Tensor, dim: int, count: int) -> list[int]:
@@ -75,18 +73,40 @@ def _insert(value: Tensor, extra: Tensor, dim: int, at: int) -> Tensor:
     return torch.cat([head, extra, tail], dim=dim)
 
 
+#: Attribute of a module of the traced graph listing the user's attributes that hold the same
+#: tensor under another owner (the graph's copy of a root Parameter, a lifted F.linear's weight):
+#: {attr: [(weakref to the user's module, its attribute name)]}. Swaps are mirrored there, so the
+#: user's module grows in place with the graph.
+MIRRORS = "_growc_mirrors"
+
+
+def add_mirror(module: nn.Module, attr: str, owner: nn.Module, owner_attr: str) -> None:
+    mirrors = module.__dict__.setdefault(MIRRORS, {})
+    mirrors.setdefault(attr, []).append((weakref.ref(owner), owner_attr))
+
+
+def _assign(module: nn.Module, attr: str, value: Tensor) -> None:
+    """Set `module.attr` (a Parameter or a buffer) and its mirrors in the user's modules."""
+    targets = [(module, attr)]
+    for ref, owner_attr in module.__dict__.get(MIRRORS, {}).get(attr, []):
+        owner = ref()
+        if owner is not None and isinstance(getattr(owner, owner_attr, None), Tensor):
+            targets.append((owner, owner_attr))
+    for target, name in targets:
+        if isinstance(value, nn.Parameter):
+            setattr(target, name, value)
+        else:
+            target.register_buffer(name, value)
+
+
 def extend(module: nn.Module, attr: str, extra: Tensor, dim: int, at: int | None = None) -> TensorSwap:
     """Insert `extra` into `module.attr` along `dim` at index `at` (default: append), as a new
     Parameter (or buffer)."""
     old = getattr(module, attr)
     at = old.shape[dim] if at is None else at
     data = _insert(old.detach(), extra.to(dtype=old.dtype, device=old.device), dim, at)
-    if isinstance(old, nn.Parameter):
-        new: Tensor = nn.Parameter(data, requires_grad=old.requires_grad)
-        setattr(module, attr, new)
-    else:
-        new = data
-        module.register_buffer(attr, new)
+    new = nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else data
+    _assign(module, attr, new)
     return TensorSwap(module, attr, old, new, dim, old.shape[dim], at)
 
 

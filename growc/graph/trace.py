@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from growc.errors import TraceError
+from growc.graph.handlers import add_mirror
 
 
 class GrowcTracer(fx.Tracer):
@@ -79,8 +80,29 @@ def trace(
             "drives it with --concrete NAME=VALUE (concrete_args={...} in Python)."
         ) from None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    lift_functional_layers(gm)
+    _mirror_copied_attributes(gm, model)
+    lift_functional_layers(gm, model)
     return gm
+
+
+def _owner_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    owner, _, attr = path.rpartition(".")
+    return (root.get_submodule(owner) if owner else root), attr
+
+
+def _mirror_copied_attributes(gm: fx.GraphModule, model: nn.Module) -> None:
+    """The graph holds its own reference to each tensor read by get_attr whose owner it did not
+    share with the user's model (the root's, typically): growth there must reach the user's."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        mine, attr = _owner_of(gm, str(node.target))
+        try:
+            theirs, _ = _owner_of(model, str(node.target))
+        except AttributeError:
+            continue
+        if mine is not theirs and getattr(theirs, attr, None) is getattr(mine, attr, None):
+            add_mirror(mine, attr, theirs, attr)
 
 
 def _argument(node: fx.Node, index: int, name: str, default: Any) -> Any:
@@ -132,12 +154,12 @@ def _layer_for_call(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return layer
 
 
-def lift_functional_layers(gm: fx.GraphModule) -> list[str]:
+def lift_functional_layers(gm: fx.GraphModule, model: nn.Module | None = None) -> list[str]:
     """Turn `F.linear(x, self.w, self.b)` / `F.conv2d(x, self.w, ...)` on the module's own
     Parameters into nn.Linear / nn.Conv2d layers holding those same Parameters, so that they
     can be measured and widened like any layer. The layer is named after the weight
-    (`w` -> `w_linear`) and lives in the traced graph (like inserted blocks), which from then on
-    is the model. Returns the new layers' names."""
+    (`w` -> `w_linear`) and lives in the traced graph (like inserted blocks); growing it grows
+    the Parameters of `model` (the user's module) too. Returns the new layers' names."""
     lifted = []
     used = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     for node in list(gm.graph.nodes):
@@ -152,6 +174,10 @@ def lift_functional_layers(gm: fx.GraphModule) -> list[str]:
         while hasattr(gm, name):
             name, suffix = f"{base}{suffix}", suffix + 1
         gm.add_submodule(name, layer)
+        if model is not None:
+            for part, reader in zip(("weight", "bias"), readers):
+                owner, attr = _owner_of(model, str(reader.target))
+                add_mirror(layer, part, owner, attr)
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(call)
