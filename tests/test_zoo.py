@@ -203,3 +203,22 @@ def test_optimizer_state_follows_units_inserted_between_old_ones():
     assert mix.weight.shape[1] == 6
     torch.testing.assert_close(optimizer.state[mix.weight]["exp_avg"], moments)
     assert graph(*x).shape == (6, 3)
+
+
+def test_a_scalar_factor_carries_units_and_a_computed_gate_stops_them():
+    from torch import nn
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.gate, self.b = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x)) * 2.0
+            return self.b(h * torch.sigmoid(self.gate(x))) if self.gated else self.b(h)
+
+    Scaled.gated = False
+    assert [s.name for s in find_width_sites(trace(Scaled())).sites] == ["a"]
+    Scaled.gated = True
+    report = find_width_sites(trace(Scaled()))
+    assert not report.sites and "a gate" in dict(report.skipped)["a"]

@@ -206,7 +206,7 @@ class _Walk:
             return
         if _is_mul(user):
             others = [a for a in _tensor_args(user) if a is not node]
-            if not others or any(a.op != "get_attr" for a in others):
+            if any(a.op != "get_attr" for a in others):  # a scalar or the units themselves: element-wise
                 raise Ungrowable(
                     f"'{user.name}' multiplies it by another computed tensor (a gate), which growc cannot widen"
                 )
