@@ -12,9 +12,9 @@ Methods, same data, seed, batch size and Adam learning rate:
   `GrowthConfig(depth=True)`: growc may insert residual blocks `x + omega(act(alpha(x)))`;
 - full width, same wall time as each growth run (its whole wall time, evaluations included):
   Adam with a cosine decay to 0 over that wall time, stopped when it is used up.
-growc grows whatever sites it finds; the report lists them. While residual streams are tied by
-the additions (before coupled growth lands in growc) only the inner conv of each block and the
-convs outside residual streams can widen.
+growc grows whatever sites it finds; the report lists them. Since coupled growth (commit 7abc1ff)
+a residual stream is one site whose writers (stem or stage transition, and each block's second
+conv) grow together; before it, only each block's inner conv could widen.
 
 Data: the CIFAR-10 subset in ../shared/data (40,000 train, 10,000 test, JPEG; `growc.data.cifar10`),
 no augmentation. The CPU configuration uses a training and a test subset to finish in under
