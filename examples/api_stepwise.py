@@ -73,12 +73,12 @@ print(f"grew inner by {record.neurons}: loss -{record.observed_gain:.4f} (first 
 train(model, optimizer, loader, epochs=2)
 
 # ...or let the gain per parameter decide, a few times.
-for _ in range(4):
+for _ in range(3):
     grower.measure(loader)
     for r in grower.grow(optimizer=optimizer):
         print(f"grew {r.site} by {r.neurons}")
     train(model, optimizer, loader, epochs=2)
-train(model, optimizer, loader, epochs=6)
+train(model, optimizer, loader, epochs=4)
 
 frozen = growc.freeze(model, [x_val[:2]])
 print(f"frozen: {sum(p.numel() for p in frozen.parameters())} parameters, val accuracy {accuracy(frozen, x_val, y_val):.2%}")
