@@ -222,3 +222,35 @@ def test_a_scalar_factor_carries_units_and_a_computed_gate_stops_them():
     Scaled.gated = True
     report = find_width_sites(trace(Scaled()))
     assert not report.sites and "a gate" in dict(report.skipped)["a"]
+
+
+def test_single_channel_convs_are_plain_layers_not_depthwise_carriers():
+    """A 1-in, 1-out conv (groups = 1) is an ordinary layer: its own site, never a carrier."""
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 1, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(1, 1, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
+    )
+    graph = trace(model)
+    sites = find_width_sites(graph).sites
+    assert [(s.name, s.carriers) for s in sites] == [("0", ()), ("2", ()), ("4", ())]
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        before = graph(x)
+        for site in sites:
+            producer, consumers = site.modules(graph)
+            units = NewUnits(
+                rows=torch.randn(2, producer.weight[0].numel()),
+                bias=torch.randn(2),
+                omega=torch.randn(sum(c.weight.shape[0] for c in consumers), 2),
+                omega_rows=[c.weight.shape[0] for c in consumers],
+            )
+            SiteGrowth(graph, site, units).set_amplitude(0.0)
+        torch.testing.assert_close(graph(x), before)

@@ -234,7 +234,8 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
         carriers=tuple(
             str(n.target)
             for n in group.nodes
-            if (n in norms and norms[n] not in group.writers) or is_depthwise(module_of(gm, n))
+            if n not in group.writers
+            and ((n in norms and norms[n] not in group.writers) or is_depthwise(module_of(gm, n)))
         ),
         attached=tuple(r for r in readers if r not in consumers),
         slots=tuple(

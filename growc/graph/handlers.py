@@ -288,6 +288,7 @@ def is_depthwise(module: nn.Module) -> bool:
     return (
         type(module) is nn.Conv2d
         and module.groups == module.in_channels == module.out_channels
+        and module.groups > 1  # one channel, one group: a plain conv
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
         and all(k % 2 == 1 for k in module.kernel_size)
