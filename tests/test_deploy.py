@@ -357,3 +357,17 @@ def test_cli_export_bad_input(digits_checkpoint: Path, tmp_path: Path, case: str
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert output.count("error:") == 1 and phrase in output, output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # nothing added, nothing changed
+
+
+def test_int8_calibration_samples_span_a_label_sorted_training_set():
+    """Data files are often sorted by label: calibration must not see one class only."""
+    from torch.utils.data import TensorDataset
+
+    from growc.deploy.pipeline import CALIBRATION_SAMPLES, _take
+
+    labels = torch.arange(10).repeat_interleave(200)  # 2,000 samples, sorted by label
+    data = TensorDataset(torch.randn(2000, 4), labels)
+    _, first = _take(data, CALIBRATION_SAMPLES)
+    _, spread = _take(data, CALIBRATION_SAMPLES, spread=True)
+    assert set(first.tolist()) == {0, 1, 2}
+    assert set(spread.tolist()) == set(range(10)) and len(spread) == CALIBRATION_SAMPLES

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from growc.data import load_builtin
 from growc.deploy.card import write_card
@@ -85,10 +85,16 @@ def _as_dataset(data):
     return data.dataset if isinstance(data, DataLoader) else data
 
 
-def _take(dataset, limit: int) -> tuple[list[Tensor], Tensor | None]:
-    """Up to `limit` samples of a data set as input tensors and labels."""
+def _take(dataset, limit: int, spread: bool = False) -> tuple[list[Tensor], Tensor | None]:
+    """Up to `limit` samples of a data set as input tensors and labels: the first ones, or with
+    `spread` a fixed random choice over the whole set (data files are often sorted by label, and
+    int8 calibration on one class would set the wrong ranges)."""
+    dataset = _as_dataset(dataset)
+    if spread and hasattr(dataset, "__len__") and len(dataset) > limit:
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
+        dataset = Subset(dataset, chosen.sort().values.tolist())
     inputs, labels, count = [], [], 0
-    for batch in DataLoader(_as_dataset(dataset), batch_size=512, shuffle=False):
+    for batch in DataLoader(dataset, batch_size=512, shuffle=False):
         *xs, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
         inputs.append(xs)
         labels.append(y)
@@ -186,7 +192,7 @@ def export_checkpoint(
     if standalone:
         result.standalone = write_standalone(frozen, out / "standalone", example_inputs=[x[:64] for x in val_inputs])
     if int8 != "none":
-        calibration, _ = _take(train, CALIBRATION_SAMPLES)
+        calibration, _ = _take(train, CALIBRATION_SAMPLES, spread=True)
         int8_path = out / "model.int8.onnx"
         result.int8 = quantize(
             onnx_path, int8_path, int8, val_inputs, val_labels, calibration, tolerance=int8_tolerance
