@@ -254,3 +254,33 @@ def test_single_channel_convs_are_plain_layers_not_depthwise_carriers():
             )
             SiteGrowth(graph, site, units).set_amplitude(0.0)
         torch.testing.assert_close(graph(x), before)
+
+
+def test_grower_steps_under_the_callers_control():
+    """Grower: measure, grow a named site by a given count with the caller's optimizer, and
+    say clearly what is wrong when asked to grow before measuring or an unknown site."""
+    from zoo import ResBlock
+
+    import growc
+    from growc.errors import GrowcError
+
+    torch.manual_seed(0)
+    x = inputs_for(ResBlock(), batch=256)[0]
+    y = torch.randint(0, 3, (256,))
+    loader = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    grower = growc.Grower(ResBlock(), F.cross_entropy, growc.GrowthConfig(stat_samples=256))
+    optimizer = torch.optim.Adam(grower.model.parameters(), lr=1e-3)
+    with pytest.raises(GrowcError, match="measure the sites first"):
+        grower.grow(optimizer=optimizer)
+    found = grower.measure(loader)
+    assert {a.site.name for a in found} == {s.name for s in grower.candidates.sites}
+    assert all({"bottleneck", "relative", "best_gain", "significant"} <= set(a.summary()) for a in found)
+    with pytest.raises(GrowcError, match="no measured site 'nope'"):
+        grower.grow("nope")
+    stream = next(s for s in grower.candidates.sites if s.writers)
+    width = stream.width(grower.model)
+    (record,) = grower.grow(stream.name, neurons=2, optimizer=optimizer)
+    assert stream.width(grower.model) == width + record.neurons
+    # The optimizer now holds the grown Parameters, not the replaced ones.
+    assert {id(p) for p in grower.model.parameters()} == {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert grower.model(x).shape == (256, 3)
