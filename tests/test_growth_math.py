@@ -156,6 +156,9 @@ def test_optimizer_state_survives_growth():
     assert state["exp_avg"].shape == producer.weight.shape
     torch.testing.assert_close(state["exp_avg"][:4], old_state["exp_avg"])
     assert (state["exp_avg"][4:] == 0).all()
+    # Second moments of new entries start at the old mean (see carry_optimizer_state).
+    torch.testing.assert_close(state["exp_avg_sq"][:4], old_state["exp_avg_sq"])
+    assert torch.allclose(state["exp_avg_sq"][4:], old_state["exp_avg_sq"].mean().expand(2, 8))
     assert state["step"] == old_state["step"]
     assert any(p is producer.weight for p in optimizer.param_groups[0]["params"])
     # Training continues on the grown parameters, and the user's state_dict sees the growth.
@@ -163,3 +166,4 @@ def test_optimizer_state_survives_growth():
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
     assert model.state_dict()[f"{site.producer}.weight"].shape == (6, 8)
+

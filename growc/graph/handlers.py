@@ -49,9 +49,10 @@ class TensorSwap:
     def new_slice(self) -> tuple[slice, ...]:
         return self._index(slice(self.start, self.start + self.added))
 
-    def widen(self, value: Tensor) -> Tensor:
-        """`value` shaped like the old tensor, with zeros where the new entries went."""
-        return _insert(value, value.new_zeros(_grown_shape(value, self.dim, self.added)), self.dim, self.start)
+    def widen(self, value: Tensor, fill: float = 0.0) -> Tensor:
+        """`value` shaped like the old tensor, with `fill` where the new entries went."""
+        extra = value.new_full(_grown_shape(value, self.dim, self.added), fill)
+        return _insert(value, extra, self.dim, self.start)
 
     def narrow(self, value: Tensor) -> Tensor:
         """`value` shaped like the new tensor, with the new entries taken out."""

@@ -145,11 +145,18 @@ class SiteGrowth:
         return [s for s in self.swaps if s.is_parameter]
 
 
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # Adam, AdamW, AMSGrad
+
+
 def carry_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], swaps: list[TensorSwap]) -> None:
     """Point each optimizer at the grown Parameters, keeping the old entries' state.
 
     State tensors shaped like the old Parameter (Adam's moments, momentum buffers) are extended
-    with zeros for the new entries; scalars such as the step count are kept as they are.
+    with zeros for the new entries; scalars such as the step count are kept as they are. Adam's
+    second moments are the exception: their new entries start at the old entries' mean. The
+    step count is shared, so Adam no longer corrects the bias of fresh moments: from a zero
+    second moment, a new weight's early steps would be normalized by its first few squared
+    gradients alone (up to ~3x the learning rate), not by a scale like its neighbours'.
     """
     for optimizer in optimizers:
         for swap in swaps:
@@ -163,7 +170,8 @@ def carry_optimizer_state(optimizers: Iterable[torch.optim.Optimizer], swaps: li
             new_state = {}
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.shape == swap.old.shape:
-                    value = swap.widen(value)
+                    fill = float(value.mean()) if key in _SECOND_MOMENTS and value.numel() else 0.0
+                    value = swap.widen(value, fill)
                 new_state[key] = value
             optimizer.state[swap.new] = new_state
 
