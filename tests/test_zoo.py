@@ -284,3 +284,40 @@ def test_grower_steps_under_the_callers_control():
     # The optimizer now holds the grown Parameters, not the replaced ones.
     assert {id(p) for p in grower.model.parameters()} == {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert grower.model(x).shape == (256, 3)
+
+
+def test_readers_of_another_geometry_get_fitted_outgoing_weights():
+    """A residual stream read by a 3x3 conv and by a stride-2 1x1 shortcut: the statistics are
+    solved on one, and the others get each neuron's least-squares outgoing weights from their
+    own statistics. At a small amplitude that lowers the loss below zero outgoing weights."""
+    from zoo import ResBlock
+
+    from growc.growth.collector import StatisticsCollector
+    from growc.growth.config import GrowthConfig
+    from growc.growth.step import LineSearchBatch, assess_sites, new_units
+
+    torch.manual_seed(0)
+    model = ResBlock()
+    x = inputs_for(model, batch=256)
+    y = torch.randint(0, 3, (256,))
+    graph = trace(model)
+    site = next(s for s in find_width_sites(graph).sites if s.reached)
+    collector = StatisticsCollector(graph, [site], folds=2)
+    with collector:
+        for i in range(0, 256, 32):
+            graph.zero_grad()
+            F.cross_entropy(graph(x[0][i : i + 32]), y[i : i + 32]).backward()
+            collector.accumulate(32)
+    (a,) = assess_sites(graph, [site], collector.accumulators, GrowthConfig())
+    assert {r for readers, _ in a.reached for r in readers} == set(site.attached)  # all downstream of the source
+    units, _ = new_units(a, a.solution.neurons.take(2), torch.float32)
+    assert units.reached_omega and all(w.abs().sum() > 0 for w in units.reached_omega.values())
+    batch = LineSearchBatch(x, y, F.cross_entropy)
+    losses = {}
+    for fitted in (True, False):
+        trial = NewUnits(**{**units.__dict__, "reached_omega": units.reached_omega if fitted else None})
+        growth = SiteGrowth(graph, site, trial)
+        growth.set_amplitude(0.05)
+        losses[fitted] = batch.loss(graph)
+        growth.undo()
+    assert losses[True] < losses[False], losses

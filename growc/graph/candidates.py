@@ -12,7 +12,7 @@ writers K zero outputs, each carrier K pass-through entries, and every reader K 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,26 @@ class WidthSite:
     attached: tuple[str, ...] = ()  # readers outside the statistics: zero columns, learnt in training
     slots: tuple[tuple[str, Slot], ...] = ()  # readers that see the units after a concatenation
     broadcasts: tuple[tuple[str, float], ...] = ()  # tensors broadcast onto the units, new entries' value
+    # Attached readers that the new units reach, by geometry: (readers, spatial, pools). Their
+    # statistics give them the outgoing weights that fit the neurons once these are chosen.
+    reached: tuple[tuple[tuple[str, ...], bool, tuple[tuple, ...]], ...] = ()
+
+    def reached_sites(self) -> list[WidthSite]:
+        """One site per geometry of the attached readers the new units reach, for their
+        statistics only: the same source, those readers as consumers."""
+        return [
+            replace(
+                self,
+                name=f"{self.name}>{readers[0]}",
+                consumers=readers,
+                spatial=spatial,
+                pools=pools,
+                attached=(),
+                reached=(),
+                slots=(),
+            )
+            for readers, spatial, pools in self.reached
+        ]
 
     @property
     def readers(self) -> tuple[str, ...]:
@@ -238,6 +258,11 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
             and ((n in norms and norms[n] not in group.writers) or is_depthwise(module_of(gm, n)))
         ),
         attached=tuple(r for r in readers if r not in consumers),
+        reached=tuple(
+            (tuple(name for name, _ in members), members[0][1].stage == "flat", members[0][1].pools)
+            for members in classes.values()
+            if members is not primary
+        ),
         slots=tuple(
             (r, Slot(*values[read].slot)) for r, (_, read) in zip(readers, group.readers) if any(values[read].slot)
         ),

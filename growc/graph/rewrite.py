@@ -30,6 +30,7 @@ class NewUnits:
     norm_weight: Tensor | None = None
     norm_mean: Tensor | None = None
     norm_var: Tensor | None = None
+    reached_omega: dict[str, Tensor] | None = None  # attached readers' outgoing weights (else 0)
 
     @property
     def count(self) -> int:
@@ -98,7 +99,12 @@ class SiteGrowth:
         for name in site.attached:
             attached = root.get_submodule(name)
             omega = units.omega.new_zeros(handler_for(attached).out_size(attached), k)
-            self.swaps.append(self._grow_reader(attached, omega, places[name])[0])
+            fitted = (units.reached_omega or {}).get(name)
+            if fitted is None:
+                self.swaps.append(self._grow_reader(attached, omega, places[name])[0])
+                continue
+            omega[: fitted.shape[0]] = fitted  # outputs gained earlier in this step stay 0
+            self._add(*self._grow_reader(attached, omega, places[name]), scaled=True)
 
     def _grow_tied(self, root: nn.Module, k: int, ref: Tensor) -> None:
         """The other writers (zero rows), their BatchNorms and the carriers (pass-through entries)."""

@@ -36,7 +36,8 @@ class StatisticsCollector:
         seed: int = 0,
     ) -> None:
         self.root = root
-        self.sites = list(sites)
+        # Each width site's reached readers of other geometries are measured as sites of their own.
+        self.sites = [*sites, *(sub for s in sites if isinstance(s, WidthSite) for sub in s.reached_sites())]
         self.max_samples = max_samples
         self.accumulators = {s.name: MomentAccumulator(folds) for s in self.sites}
         self._inputs: dict[str, Tensor] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,8 @@ class SiteAssessment:
     unit_scale: float  # RMS pre-activation of existing units (their BatchNorm weights' RMS behind one)
     column_rms: float  # RMS norm of the consumers' existing input columns
     input_mean: torch.Tensor  # E[b'], for the running mean of new BatchNorm entries
+    # Per geometry of the attached readers the units reach: (readers, their moments).
+    reached: list[tuple[tuple[str, ...], SiteMoments]] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | int]:
         """What the method says about the site, in numbers: its expressivity bottleneck (absolute
@@ -74,6 +76,11 @@ def assess_sites(
         shared = inverses(moments, config.ridge)
         solution = solve_site(moments, max_neurons=cap, shared=shared)
         significance = significant_neuron_count(acc, cap, config.significance_z, mode, shared)
+        reached = []
+        for sub in site.reached_sites() if isinstance(site, WidthSite) else []:
+            sub_acc = accumulators.get(sub.name)
+            if sub_acc is not None and sub_acc.samples and _finite(sub_acc.total()):
+                reached.append((sub.consumers, prepare_inputs(sub_acc.total(), mode)))
         out.append(
             SiteAssessment(
                 site=site,
@@ -85,6 +92,7 @@ def assess_sites(
                 unit_scale=_unit_scale(model, site, moments),
                 column_rms=_column_scale(model, site, moments),
                 input_mean=input_mean(raw)[0],
+                reached=reached,
             )
         )
     return out
@@ -158,6 +166,10 @@ def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[
     the units and the factor from the solver's scale to gamma = 1 (for the predicted gain)."""
     lambda_1 = float(neurons.lambdas[0]) if neurons.count and float(neurons.lambdas[0]) > 0 else 1.0
     omega = (neurons.omega * (a.column_rms / lambda_1)).to(dtype)
+    reached = {
+        reader: (w * (a.column_rms / lambda_1)).to(dtype)
+        for reader, w in reached_omegas(a.reached, neurons.alpha).items()
+    }
     rows_in = [u.delta.shape[0] for u in a.solution.updates]
     alpha = neurons.alpha
     if a.mode == "centered":
@@ -170,6 +182,7 @@ def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[
             norm_weight=torch.full((neurons.count,), a.unit_scale, dtype=dtype),
             norm_mean=(a.input_mean.to(alpha) @ alpha).to(dtype),
             norm_var=variance.clamp_min(1e-12).to(dtype),
+            reached_omega=reached,
         )
     elif a.mode == "affine":
         units = NewUnits(
@@ -177,10 +190,27 @@ def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[
             bias=(alpha[-1] * a.unit_scale).to(dtype),
             omega=omega,
             omega_rows=rows_in,
+            reached_omega=reached,
         )
     else:
-        units = NewUnits(rows=(alpha.T * a.unit_scale).to(dtype), bias=None, omega=omega, omega_rows=rows_in)
+        units = NewUnits(
+            rows=(alpha.T * a.unit_scale).to(dtype), bias=None, omega=omega, omega_rows=rows_in, reached_omega=reached
+        )
     return units, a.unit_scale * a.column_rms / lambda_1
+
+
+def reached_omegas(reached: list[tuple[tuple[str, ...], SiteMoments]], alpha: Tensor) -> dict[str, Tensor]:
+    """Outgoing weights, in the solver's scale, for attached readers the chosen neurons reach:
+    for each neuron the least-squares fit of the reader's desired update `-g` by the neuron's
+    value there, `E[-g b'^T] alpha / alpha^T S'_r alpha` (their own weights are not updated, so
+    the raw gradient, not v_perp). For the measured consumers this is the solver's omega."""
+    out = {}
+    alpha = alpha.to(torch.float64)
+    for readers, moments in reached:
+        energy = ((moments.s_prev.to(alpha) @ alpha) * alpha).sum(0).clamp_min(1e-12)
+        for reader, consumer in zip(readers, moments.consumers):
+            out[reader] = (-consumer.p.to(alpha).T @ alpha) / energy
+    return out
 
 
 def _rms_column_norm(consumers: list[nn.Module]) -> float:
