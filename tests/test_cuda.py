@@ -52,3 +52,30 @@ def test_growth_runs_on_gpu(strategy):
     assert next(result.model.parameters()).is_cuda
     assert result.report.final["final_params"] > result.report.final["initial_params"]
     assert result.report.final["final_val_accuracy"] > 0.85
+
+
+@pytest.mark.parametrize("name", ["ResBlock", "Inception", "MobileBlock", "LayerScale"])
+def test_coupled_growth_on_gpu(name):
+    """Residual streams, concatenations, depthwise carriers and broadcast tensors grow on the GPU
+    (depth on), and the grown graph matches the user's module there."""
+    import zoo
+
+    torch.manual_seed(0)
+    model = getattr(zoo, name)()
+    x = zoo.inputs_for(model, batch=256)[0]
+    y = (x.flatten(1) @ torch.randn(x[0].numel(), 3, generator=torch.Generator().manual_seed(1))).argmax(1)
+    data = torch.utils.data.TensorDataset(x, y)
+    result = grow(
+        model,
+        as_loader(data, 32, True, 0),
+        as_loader(data, 128, False, 0),
+        F.cross_entropy,
+        GrowthConfig(device="cuda", steps=4, final_epochs=1, depth=True),
+    )
+    assert next(result.model.parameters()).is_cuda
+    assert result.report.final["final_params"] > result.report.final["initial_params"]
+    if not any(module.startswith("growc_depth") for module, _ in result.model.named_modules()):
+        # Without inserted blocks the user's module, grown in place, is the whole model.
+        with torch.no_grad():
+            probe = x[:8].cuda()
+            torch.testing.assert_close(result.user_model(probe), result.model(probe))
