@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from growc.graph.coupling import Group, Ungrowable, Value, find_group, trace_values
-from growc.graph.handlers import DEPTHWISE, handler_for, is_depthwise
+from growc.graph.handlers import DEPTHWISE, handler_for, is_depthwise, owner_of
 from growc.graph.trace import module_of
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -165,8 +165,7 @@ class WidthSite:
 
 
 def _tensor_at(root: nn.Module, path: str) -> torch.Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(root.get_submodule(owner), attr)
+    return getattr(*owner_of(root, path))
 
 
 @dataclass

@@ -163,6 +163,12 @@ def _only_input(user: fx.Node, node: fx.Node) -> bool:
     return all(a is node or _is_size_of(a, node) for a in _tensor_args(user))
 
 
+def _carries_units(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op that maps each unit to itself, alone: an element-wise op, a BatchNorm, a depthwise conv."""
+    module = module_of(gm, node)
+    return isinstance(module, _BATCHNORMS) or is_depthwise(module) or elementwise_slope(gm, node)[0]
+
+
 class _Walk:
     """Collects the group containing `start`'s output (see the module's docstring)."""
 
@@ -222,14 +228,7 @@ class _Walk:
             if (user, node) not in self.group.readers:
                 self.group.readers.append((user, node))
             return
-        if (
-            isinstance(module, _BATCHNORMS)
-            or is_depthwise(module)
-            or is_pool(self.gm, user)
-            or is_flatten(self.gm, user)
-            or is_global_mean(user)
-            or elementwise_slope(self.gm, user)[0]
-        ):
+        if _carries_units(self.gm, user) or is_pool(self.gm, user) or is_flatten(self.gm, user) or is_global_mean(user):
             self._add_member(user)
             return
         if isinstance(module, nn.Conv2d):
@@ -277,8 +276,7 @@ class _Walk:
                 self._add_member(node)
                 node = rest[0]
                 continue
-            carries = isinstance(module, _BATCHNORMS) or is_depthwise(module) or elementwise_slope(self.gm, node)[0]
-            if not carries or activation_name(self.gm, node) in _NOT_ZERO_AT_ZERO:
+            if not _carries_units(self.gm, node) or activation_name(self.gm, node) in _NOT_ZERO_AT_ZERO:
                 raise Ungrowable(f"'{node.name}' is added to it in '{add.name}' and growc cannot tell what writes it")
             self._add_member(node)
             node = node.args[0]
@@ -308,8 +306,7 @@ class _Walk:
                 return (str(node.target),)
             if _is_cat(node):
                 return tuple(w for p in node.args[0] for w in self._widths_of(p, cat))
-            carries = isinstance(module, _BATCHNORMS) or is_depthwise(module) or elementwise_slope(self.gm, node)[0]
-            if not carries or not isinstance(node.args[0], fx.Node):
+            if not _carries_units(self.gm, node) or not isinstance(node.args[0], fx.Node):
                 raise Ungrowable(f"'{cat.name}' concatenates it with '{node.name}', whose width growc cannot follow")
             node = node.args[0]
 

@@ -81,6 +81,12 @@ def _insert(value: Tensor, extra: Tensor, dim: int, at: int) -> Tensor:
 MIRRORS = "_growc_mirrors"
 
 
+def owner_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding the tensor at dotted `path` under `root`, and its attribute name."""
+    owner, _, attr = path.rpartition(".")
+    return (root.get_submodule(owner) if owner else root), attr
+
+
 def add_mirror(module: nn.Module, attr: str, owner: nn.Module, owner_attr: str) -> None:
     mirrors = module.__dict__.setdefault(MIRRORS, {})
     mirrors.setdefault(attr, []).append((weakref.ref(owner), owner_attr))

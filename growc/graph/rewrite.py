@@ -9,7 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
-from growc.graph.handlers import BATCHNORM, DEPTHWISE, TensorSwap, extend, handler_for, is_depthwise, sync_sizes
+from growc.graph.handlers import (
+    BATCHNORM,
+    DEPTHWISE,
+    TensorSwap,
+    extend,
+    handler_for,
+    is_depthwise,
+    owner_of,
+    sync_sizes,
+)
 
 
 @dataclass
@@ -83,8 +92,7 @@ class SiteGrowth:
         for path, fill in site.broadcasts:
             dim = broadcast_dims[path]
             if dim is not None:
-                owner, _, attr = path.rpartition(".")
-                module = root.get_submodule(owner)
+                module, attr = owner_of(root, path)
                 shape = list(getattr(module, attr).shape)
                 shape[dim] = k
                 self.swaps.append(extend(module, attr, rows.new_full(shape, fill), dim))

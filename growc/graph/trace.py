@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from growc.errors import TraceError
-from growc.graph.handlers import add_mirror
+from growc.graph.handlers import add_mirror, owner_of
 
 
 class GrowcTracer(fx.Tracer):
@@ -85,20 +85,15 @@ def trace(
     return gm
 
 
-def _owner_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
-    owner, _, attr = path.rpartition(".")
-    return (root.get_submodule(owner) if owner else root), attr
-
-
 def _mirror_copied_attributes(gm: fx.GraphModule, model: nn.Module) -> None:
     """The graph holds its own reference to each tensor read by get_attr whose owner it did not
     share with the user's model (the root's, typically): growth there must reach the user's."""
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        mine, attr = _owner_of(gm, str(node.target))
+        mine, attr = owner_of(gm, str(node.target))
         try:
-            theirs, _ = _owner_of(model, str(node.target))
+            theirs, _ = owner_of(model, str(node.target))
         except AttributeError:
             continue
         if mine is not theirs and getattr(theirs, attr, None) is getattr(mine, attr, None):
@@ -176,7 +171,7 @@ def lift_functional_layers(gm: fx.GraphModule, model: nn.Module | None = None) -
         gm.add_submodule(name, layer)
         if model is not None:
             for part, reader in zip(("weight", "bias"), readers):
-                owner, attr = _owner_of(model, str(reader.target))
+                owner, attr = owner_of(model, str(reader.target))
                 add_mirror(layer, part, owner, attr)
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(name, (node.args[0],))

@@ -58,9 +58,7 @@ def _line_search_batch(loader: Iterable, samples: int, device: torch.device, los
             break
     if not parts:
         raise GrowcError("the training data is empty: give at least one batch of samples")
-    inputs = [torch.cat([p[0][i] for p in parts])[:samples] for i in range(len(parts[0][0]))]
-    target = torch.cat([p[1] for p in parts])[:samples]
-    return LineSearchBatch(inputs, target, loss_fn)
+    return LineSearchBatch.from_batches(parts, samples, loss_fn)
 
 
 def _train_one_epoch(

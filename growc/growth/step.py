@@ -79,8 +79,9 @@ def assess_sites(
         reached = []
         for sub in site.reached_sites() if isinstance(site, WidthSite) else []:
             sub_acc = accumulators.get(sub.name)
-            if sub_acc is not None and sub_acc.samples and _finite(sub_acc.total()):
-                reached.append((sub.consumers, prepare_inputs(sub_acc.total(), mode)))
+            sub_raw = sub_acc.total() if sub_acc is not None and sub_acc.samples else None
+            if sub_raw is not None and _finite(sub_raw):
+                reached.append((sub.consumers, prepare_inputs(sub_raw, mode)))
         out.append(
             SiteAssessment(
                 site=site,
@@ -231,6 +232,12 @@ class LineSearchBatch:
 
     def loss(self, model: nn.Module) -> float:
         return batch_loss(model, self.inputs, self.target, self.loss_fn)
+
+    @classmethod
+    def from_batches(cls, batches: list[tuple[list[Tensor], Tensor]], samples: int, loss_fn: LossFn) -> LineSearchBatch:
+        """The first `samples` samples of (inputs, target) batches, joined."""
+        inputs = [torch.cat([b[0][i] for b in batches])[:samples] for i in range(len(batches[0][0]))]
+        return cls(inputs, torch.cat([b[1] for b in batches])[:samples], loss_fn)
 
 
 @torch.no_grad()

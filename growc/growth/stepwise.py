@@ -94,9 +94,7 @@ class Grower:
             self.model.train(training)
         if not kept:
             raise GrowcError("the loader gave no batch to measure the sites on")
-        n = self.config.line_search_samples
-        inputs = [torch.cat([k[0][i] for k in kept])[:n] for i in range(len(kept[0][0]))]
-        self._batch = LineSearchBatch(inputs, torch.cat([k[1] for k in kept])[:n], self.loss_fn)
+        self._batch = LineSearchBatch.from_batches(kept, self.config.line_search_samples, self.loss_fn)
         found = assess_sites(self.model, self.sites, collector.accumulators, self.config)
         found.sort(key=lambda a: -a.value(0) if a.significant else 0.0)
         self.assessments = {a.site.name: a for a in found}
