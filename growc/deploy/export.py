@@ -8,27 +8,33 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from growc.deploy.compact import compact_file
+from growc.deploy.parity import RELATIVE_TOLERANCE, Parity, compare
 from growc.deploy.slim import SlimResult, slim_file
 from growc.errors import ExportError
 
-#: Largest |onnxruntime - torch| difference accepted on validation inputs.
-MAX_ABS_DIFF = 1e-4
 DEFAULT_OPSET = 18
 
 
 @dataclass
 class ExportResult:
     path: Path
-    max_abs_diff: float
+    parity: Parity  # onnxruntime against torch on the check inputs
     opset: int
     input_names: list[str]
     output_names: list[str]
     slim: SlimResult | None = None  # None when slimming was not asked for
+
+    @property
+    def max_abs_diff(self) -> float:
+        return self.parity.max_abs_diff
+
+    @property
+    def relative_diff(self) -> float:
+        return self.parity.relative_diff
 
 
 def _with_batch_of_two(inputs: list[Tensor]) -> list[Tensor]:
@@ -118,17 +124,18 @@ def export_onnx(
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         with torch.no_grad():
             expected = model(*inputs)
-        got = session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})[0]
-        diff = float(np.max(np.abs(got - expected.numpy()))) if got.size else 0.0
+        got = session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})
+        parity = compare(expected, got)  # every output, in the order the exporter flattens them
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         raise ExportError(f"the exported ONNX file failed its check: {str(exc).splitlines()[0]}") from None
-    if not diff <= MAX_ABS_DIFF:
+    if not parity.within():
         tmp.unlink(missing_ok=True)
         raise ExportError(
-            f"onnxruntime differs from torch by {diff:.2e} (> {MAX_ABS_DIFF:.0e}): the file was not written"
+            f"onnxruntime differs from torch ({parity.describe()}; at most {RELATIVE_TOLERANCE:.0e} is accepted): "
+            "the file was not written"
         )
     os.replace(tmp, path)
     return ExportResult(
-        path=path, max_abs_diff=diff, opset=opset, input_names=input_names, output_names=["output"], slim=slimmed
+        path=path, parity=parity, opset=opset, input_names=input_names, output_names=["output"], slim=slimmed
     )

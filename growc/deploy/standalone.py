@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor, fx
 
 import growc
+from growc.deploy.parity import compare
 from growc.errors import CheckpointError, ExportError
 from growc.graph.serialize import module_spec
 
@@ -198,17 +199,6 @@ def _get_tensor(gm: fx.GraphModule, path: str) -> Tensor:
     return value
 
 
-def max_abs_diff(a: Any, b: Any) -> float:
-    """The largest |a - b| over two model outputs (tensors, or tuples/lists/dicts of them)."""
-    if isinstance(a, Tensor):
-        return float((a - b).abs().max()) if a.numel() else 0.0
-    if isinstance(a, dict):
-        return max((max_abs_diff(a[k], b[k]) for k in a), default=0.0)
-    if isinstance(a, (tuple, list)):
-        return max((max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
-    return 0.0 if a == b else float("inf")
-
-
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -238,9 +228,9 @@ def write_standalone(
         rebuilt.eval()
         model.eval()
         with torch.no_grad():
-            diff = max_abs_diff(rebuilt(*example_inputs), model(*example_inputs))
-        if not diff <= 1e-5:
-            raise ExportError(f"the standalone model.py differs from the model by {diff:.2e}: it was not written")
+            parity = compare(model(*example_inputs), rebuilt(*example_inputs))
+        if not parity.within(1e-5):  # the same ops on the same weights: only summation order may differ
+            raise ExportError(f"the standalone model.py differs from the model ({parity.describe()}): it was not written")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"growc": growc.__version__}))
