@@ -7,50 +7,104 @@ import torch.nn.functional as F
 from zoo import ZOO, inputs_for
 
 from growc.deploy.export import export_onnx
+from growc.deploy.parity import compare
 from growc.graph.candidates import find_width_sites
 from growc.graph.depth import find_depth_edges
 from growc.graph.rewrite import NewUnits, SiteGrowth
 from growc.graph.trace import trace
 
 
+def _randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Trained-looking norms: at initialization every BatchNorm channel is identical, which hides
+    a new entry put at the wrong channel."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=generator))
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) * 2 + 0.2)
+                if m.affine:
+                    m.weight.copy_(torch.randn(m.num_features, generator=generator))
+                    m.bias.copy_(torch.randn(m.num_features, generator=generator))
+                m.momentum = 0.0  # a training-mode forward leaves the running statistics as they are
+
+
+def _outputs(model, x, seed=1):
+    """The model's outputs with the same random draws at every call. Dropout is kept off: its
+    mask is drawn per unit, so a grown layer would draw other masks for its old units too."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    for m in dropouts:
+        m.eval()
+    torch.manual_seed(seed)
+    try:
+        return model(*x)
+    finally:
+        for m in dropouts:
+            m.train()
+
+
+def _assert_same(got, expected, what):
+    parity = compare(expected, got)
+    assert parity.within(1e-5), f"{what}: {parity.describe()}"
+
+
+def _random_units(graph, site, k=2, generator=None):
+    producer = graph.get_submodule(site.producer)  # the graph is the model (lifted F.linear layers)
+    flat_in = producer.weight[0].numel()
+    rows = [graph.get_submodule(c).weight.shape[0] for c in site.consumers]
+    return NewUnits(
+        rows=torch.randn(k, flat_in, generator=generator),
+        bias=torch.randn(k, generator=generator),
+        omega=torch.randn(sum(rows), k, generator=generator),
+        omega_rows=rows,
+        norm_weight=torch.randn(k, generator=generator),
+        norm_mean=torch.randn(k, generator=generator),
+        norm_var=torch.rand(k, generator=generator) + 0.5,
+    )
+
+
 @pytest.mark.parametrize("cls", ZOO, ids=lambda c: c.__name__)
 def test_zoo_model_candidates_exact_growth_and_export(cls, tmp_path):
+    """The graph computes the user's model in train and in eval mode, before and after every
+    site grows random units (with trained-looking norm statistics); at amplitude 0 nothing
+    changes in either mode; every layer is in a site or has its reason; ONNX has parity."""
     torch.manual_seed(0)
-    model = cls().eval()
+    g = torch.Generator().manual_seed(0)
+    model = cls()
+    _randomize_norms(model, g)
     x = inputs_for(model)
     graph = trace(model)
     report = find_width_sites(graph)
     assert report.sites or report.skipped or find_depth_edges(graph)
     for name, why in report.skipped:
         assert isinstance(why, str) and why, name
+    in_sites = {name for site in report.sites for name in site.layers} | {name for name, _ in report.skipped}
+    for name, module in model.named_modules():  # every layer is in a site or has its reason
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            assert name in in_sites, f"{name} is in no site and has no reason"
     with torch.no_grad():
-        before = graph(*x)
+        before = {}
+        for mode in (False, True):
+            model.train(mode), graph.train(mode)
+            before[mode] = _outputs(graph, x)
+            _assert_same(_outputs(model, x), before[mode], f"user's module vs graph, training={mode}")
         growths = []
         for site in report.sites:
-            producer = graph.get_submodule(site.producer)  # the graph is the model (lifted F.linear layers)
-            flat_in = producer.weight[0].numel()
-            out = sum(graph.get_submodule(c).weight.shape[0] for c in site.consumers)
-            rows = [graph.get_submodule(c).weight.shape[0] for c in site.consumers]
-            units = NewUnits(
-                rows=torch.randn(2, flat_in),
-                bias=torch.randn(2),
-                omega=torch.randn(out, 2),
-                omega_rows=rows,
-                norm_weight=torch.ones(2),
-                norm_mean=torch.zeros(2),
-                norm_var=torch.ones(2),
-            )
-            growth = SiteGrowth(graph, site, units)
+            growth = SiteGrowth(graph, site, _random_units(graph, site, generator=g))
             growth.set_amplitude(0.0)
             growths.append(growth)
-        torch.testing.assert_close(graph(*x), before, rtol=1e-5, atol=1e-6)  # every site grew, nothing changed
+        for mode in (False, True):  # every site grew, nothing changed
+            model.train(mode), graph.train(mode)
+            _assert_same(_outputs(graph, x), before[mode], f"amplitude 0, training={mode}")
+            _assert_same(_outputs(model, x), before[mode], f"user's module after growth, training={mode}")
         for growth in growths:
             growth.set_amplitude(0.3)
+        model.eval(), graph.eval()
         grown = graph(*x)
+        _assert_same(model(*x), grown, "user's module after growth at amplitude 0.3")
     if growths:
-        assert not torch.allclose(grown, before)
+        assert not torch.allclose(grown, before[False])
     result = export_onnx(graph, x, tmp_path / "model.onnx", check_inputs=inputs_for(model, batch=5))
-    assert result.max_abs_diff <= 1e-5
+    assert result.parity.within(1e-5)
 
 
 @pytest.mark.parametrize("cls", ZOO, ids=lambda c: c.__name__)

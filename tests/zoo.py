@@ -137,6 +137,130 @@ class LayerScale(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+class DenseBlock(nn.Module):
+    """DenseNet-style: every layer reads the concatenation of all earlier features through a
+    BatchNorm, so per-channel tensors sit after concatenations at every offset."""
+
+    def __init__(self, growth=3):
+        super().__init__()
+        self.conv0 = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.norm0 = nn.BatchNorm2d(4)
+        self.norm1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, growth, 3, padding=1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(4 + growth), nn.Conv2d(4 + growth, growth, 3, padding=1, bias=False)
+        self.norm3 = nn.BatchNorm2d(4 + 2 * growth)
+        self.head = nn.Linear(4 + 2 * growth, 3)
+
+    def forward(self, x):  # as torchvision's DenseNet: each layer concatenates all earlier features
+        features = [self.norm0(self.conv0(x))]
+        features.append(self.conv1(F.relu(self.norm1(torch.cat(features, 1)))))
+        features.append(self.conv2(F.relu(self.norm2(torch.cat(features, 1)))))
+        return self.head(F.relu(self.norm3(torch.cat(features, 1))).mean((2, 3)))
+
+
+class InceptionCeil(nn.Module):
+    """GoogLeNet-style: a stem into a MaxPool2d with ceil_mode (an 8x8 map from 15x15), then
+    branches joined by concatenation, one of them a 3x3 max pool with padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.b1 = nn.Conv2d(4, 3, 1)
+        self.b2 = nn.Conv2d(4, 3, 3, padding=1)
+        self.branch_pool = nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True)
+        self.b3 = nn.Conv2d(4, 2, 1)
+        self.mix = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):  # (B, 2, 15, 15)
+        x = self.pool(F.relu(self.stem(x)))
+        x = torch.cat([F.relu(self.b1(x)), F.relu(self.b2(x)), F.relu(self.b3(self.branch_pool(x)))], 1)
+        x = F.avg_pool2d(F.relu(self.mix(x)), 2, ceil_mode=True)
+        return self.head(torch.flatten(x, 1))
+
+
+def stochastic_depth(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """A branch dropped per sample in training only, as torchvision.ops.stochastic_depth."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+torch.fx.wrap("stochastic_depth")  # what torchvision does: the call is one node, `training` its argument
+
+
+class DropPath(nn.Module):
+    """torchvision's StochasticDepth: `self.training` is read at every call and passed on."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return stochastic_depth(x, self.p, self.training)
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+        self.drop_path = DropPath(0.5)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = x + self.drop_path(self.c2(F.relu(self.c1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, in short: a BatchNorm that picks batch or running statistics from
+    `self.training` in its own forward, then an activation."""
+
+    def forward(self, x):
+        if self.training:
+            mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+                self.running_var.mul_(1 - self.momentum).add_(self.momentum * x.var((0, 2, 3)))
+        else:
+            mean, var = self.running_mean, self.running_var
+        x = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps)
+        return F.relu(x * self.weight[None, :, None, None] + self.bias[None, :, None, None])
+
+
+class ConvBNAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1, bias=False), BatchNormAct(4)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+class AttentionBlock(nn.Module):
+    """A transformer block: LayerNorm, multi-head attention added to the stream, an MLP."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(dim, 12), nn.Linear(12, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):  # (B, tokens, 6)
+        h = self.embed(x)
+        a = self.norm1(h)
+        h = h + self.attention(a, a, a, need_weights=False)[0]
+        h = h + self.fc2(F.gelu(self.fc1(self.norm2(h))))
+        return self.head(h.mean(1))
+
+
 def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shapes = {
@@ -150,8 +274,29 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         TwoInputs: [(12,), (4,)],
         WithAttention: [(4, 6)],
         LayerScale: [(2, 8, 8)],
+        DenseBlock: [(2, 8, 8)],
+        InceptionCeil: [(2, 15, 15)],
+        StochasticDepth: [(2, 8, 8)],
+        ConvBNAct: [(2, 8, 8)],
+        AttentionBlock: [(4, 6)],
     }[type(model)]
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
 
-ZOO = [MLP, ConvBN, ResBlock, Inception, Mixer, Functional, MobileBlock, TwoInputs, WithAttention, LayerScale]
+ZOO = [
+    MLP,
+    ConvBN,
+    ResBlock,
+    Inception,
+    Mixer,
+    Functional,
+    MobileBlock,
+    TwoInputs,
+    WithAttention,
+    LayerScale,
+    DenseBlock,
+    InceptionCeil,
+    StochasticDepth,
+    ConvBNAct,
+    AttentionBlock,
+]

@@ -52,7 +52,9 @@ class WidthSite:
     writer_norms: tuple[str, ...] = ()  # the BatchNorms right after those
     carriers: tuple[str, ...] = ()  # depthwise convs and other BatchNorms the units pass through
     attached: tuple[str, ...] = ()  # readers outside the statistics: zero columns, learnt in training
-    slots: tuple[tuple[str, Slot], ...] = ()  # readers that see the units after a concatenation
+    # Where the units sit among other units after a concatenation, for the readers, carriers and
+    # broadcast tensors (by module or tensor path) that see them there.
+    slots: tuple[tuple[str, Slot], ...] = ()
     broadcasts: tuple[tuple[str, float], ...] = ()  # tensors broadcast onto the units, new entries' value
     # Attached readers that the new units reach, by geometry: (readers, spatial, pools). Their
     # statistics give them the outgoing weights that fit the neurons once these are chosen.
@@ -117,8 +119,8 @@ class WidthSite:
         return handler_for(producer).out_size(producer)
 
     def insertion_index(self, root: nn.Module, reader: str) -> int | None:
-        """The reader's input unit (channel) before which new units go; None: at the end. Read
-        before the site grows."""
+        """The unit (channel) of a reader's input, a carrier or a broadcast tensor before which
+        new units go; None: at the end. Read before the site grows."""
         slot = self.slot(reader)
         if not slot.after:
             return None
@@ -262,14 +264,21 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
             for members in classes.values()
             if members is not primary
         ),
-        slots=tuple(
-            (r, Slot(*values[read].slot)) for r, (_, read) in zip(readers, group.readers) if any(values[read].slot)
-        ),
+        slots=_slots(group, values, readers),
         broadcasts=tuple(group.broadcasts),
     )
     for path, _ in site.broadcasts:
         site.broadcast_dim(gm, path)  # raises where the tensor does not line up with the units
     return site, sum(len(members) for members in classes.values())
+
+
+def _slots(group: Group, values: dict[fx.Node, Value], readers: list[str]) -> tuple[tuple[str, Slot], ...]:
+    """Every per-channel tensor that meets the units after a concatenation gets its new entries
+    at their offset there: readers' input columns, carriers' entries, broadcast tensors'."""
+    seen = [(r, values[read].slot) for r, (_, read) in zip(readers, group.readers)]
+    seen += [(str(n.target), values[n].slot) for n in group.nodes if n.op == "call_module" and n not in group.writers]
+    seen += [(path, values[node].slot) for path, node in group.broadcast_at.items() if node in values]
+    return tuple((name, Slot(*slot)) for name, slot in seen if any(slot))
 
 
 def _best_site(gm: fx.GraphModule, group: Group) -> WidthSite:
@@ -340,4 +349,23 @@ def find_width_sites(gm: fx.GraphModule) -> CandidateReport:
                     "Parameters (each read once), which growc cannot widen",
                 )
             )
+    report.skipped += _unaccounted_layers(gm, report)
     return report
+
+
+def _unaccounted_layers(gm: fx.GraphModule, report: CandidateReport) -> list[tuple[str, str]]:
+    """A reason for every Linear and Conv2d that no site holds and no reason names yet: those
+    inside a module the graph calls whole (attention, the user's opaque modules), or unused."""
+    accounted = {name for site in report.sites for name in site.layers} | {name for name, _ in report.skipped}
+    called = {str(n.target): type(gm.get_submodule(str(n.target))).__name__ for n in gm.graph.nodes if n.op == "call_module"}
+    reasons = []
+    for name, module in gm.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or name in accounted or name in called:
+            continue
+        owner = next((c for c in called if name.startswith(c + ".")), None)
+        if owner is not None:
+            why = f"it is inside '{owner}' ({called[owner]}), which the graph calls as one opaque module"
+        else:
+            why = "the traced forward never calls it"
+        reasons.append((name, why))
+    return reasons

@@ -51,6 +51,7 @@ class Group:
     # Tensors of the module broadcast onto the units (position embeddings added, scales
     # multiplied): (path, the value of their new entries: 0 for a term, 1 for a factor).
     broadcasts: list[tuple[str, float]] = field(default_factory=list)
+    broadcast_at: dict[str, fx.Node] = field(default_factory=dict)  # path -> the op that applies it
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ class _Walk:
             self.group.broadcasts += [
                 (str(a.target), 1.0) for a in others if (str(a.target), 1.0) not in self.group.broadcasts
             ]
+            self.group.broadcast_at.update({str(a.target): user for a in others})
             self._add_member(user)
             return
         if not _only_input(user, node):
@@ -264,6 +266,7 @@ class _Walk:
                 if len(node.users) > 1:
                     raise Ungrowable(f"the tensor '{node.target}' added to it in '{add.name}' is also used elsewhere")
                 self.group.broadcasts.append((str(node.target), 0.0))
+                self.group.broadcast_at[str(node.target)] = add
                 return
             if _is_mul(node):  # a layer scale on the branch: x + gamma * f(x)
                 params = [a for a in _tensor_args(node) if a.op == "get_attr"]
@@ -273,6 +276,7 @@ class _Walk:
                         f"'{node.name}' is added to it in '{add.name}' and growc cannot tell what writes it"
                     )
                 self.group.broadcasts += [(str(a.target), 1.0) for a in params]
+                self.group.broadcast_at.update({str(a.target): node for a in params})
                 self._add_member(node)
                 node = rest[0]
                 continue

@@ -327,17 +327,24 @@ class BatchNormHandler:
     """BatchNorm tied to a site: grows with it, one entry per new channel."""
 
     def grow(
-        self, bn: nn.modules.batchnorm._BatchNorm, count: int, mean: Tensor, var: Tensor, weight: float = 0.0
+        self,
+        bn: nn.modules.batchnorm._BatchNorm,
+        count: int,
+        mean: Tensor,
+        var: Tensor,
+        weight: float = 0.0,
+        at: int | None = None,
     ) -> list[TensorSwap]:
-        """`count` new entries with weight `weight`, bias 0 and the given running statistics."""
+        """`count` new entries with weight `weight`, bias 0 and the given running statistics,
+        inserted before channel `at` (default: appended)."""
         ref = bn.running_mean if bn.running_mean is not None else bn.weight
         swaps = []
         if bn.affine:
-            swaps.append(extend(bn, "weight", ref.new_full((count,), weight), 0))
-            swaps.append(extend(bn, "bias", ref.new_zeros(count), 0))
+            swaps.append(extend(bn, "weight", ref.new_full((count,), weight), 0, at))
+            swaps.append(extend(bn, "bias", ref.new_zeros(count), 0, at))
         if bn.track_running_stats and bn.running_mean is not None:
-            swaps.append(extend(bn, "running_mean", mean, 0))
-            swaps.append(extend(bn, "running_var", var, 0))
+            swaps.append(extend(bn, "running_mean", mean, 0, at))
+            swaps.append(extend(bn, "running_var", var, 0, at))
         self.sync_sizes(bn)
         return swaps
 
@@ -354,13 +361,14 @@ class DepthwiseHandler:
     the identity (1 at the centre tap) with zero bias, so the unit passes through unchanged and
     training shapes the kernel afterwards."""
 
-    def grow(self, layer: nn.Conv2d, count: int) -> list[TensorSwap]:
+    def grow(self, layer: nn.Conv2d, count: int, at: int | None = None) -> list[TensorSwap]:
+        """`count` identity channels inserted before channel `at` (default: appended)."""
         kernel = layer.weight.new_zeros(count, 1, *layer.kernel_size)
         th, tw = centre_tap(layer)
         kernel[:, :, th, tw] = 1.0
-        swaps = [extend(layer, "weight", kernel, 0)]
+        swaps = [extend(layer, "weight", kernel, 0, at)]
         if layer.bias is not None:
-            swaps.append(extend(layer, "bias", layer.bias.new_zeros(count), 0))
+            swaps.append(extend(layer, "bias", layer.bias.new_zeros(count), 0, at))
         self.sync_sizes(layer)
         return swaps
 

@@ -63,6 +63,7 @@ class SiteGrowth:
         # Where each reader takes the new units, read before anything grows (offsets and the
         # features per channel depend on the current widths).
         places = {r: (site.insertion_index(root, r), site.spatial_size(root, r)) for r in site.readers}
+        entries_at = {name: site.insertion_index(root, name) for name in (*site.carriers, *dict(site.broadcasts))}
         broadcast_dims = {path: site.broadcast_dim(root, path) for path, _ in site.broadcasts}
         # Other sites may have grown in the same step since the units were solved: the producer
         # may have new inputs and a consumer new outputs. Those connect with zeros.
@@ -88,14 +89,14 @@ class SiteGrowth:
                     self._add(swap, weight, scaled=True)
                 else:
                     self.swaps.append(swap)  # bias stays 0; running stats are set once
-        self._grow_tied(root, k, rows)
+        self._grow_tied(root, k, rows, entries_at)
         for path, fill in site.broadcasts:
             dim = broadcast_dims[path]
             if dim is not None:
                 module, attr = owner_of(root, path)
                 shape = list(getattr(module, attr).shape)
                 shape[dim] = k
-                self.swaps.append(extend(module, attr, rows.new_full(shape, fill), dim))
+                self.swaps.append(extend(module, attr, rows.new_full(shape, fill), dim, entries_at[path]))
         start = 0
         for name, solved in zip(site.consumers, units.omega_rows):
             consumer = root.get_submodule(name)
@@ -114,8 +115,9 @@ class SiteGrowth:
             omega[: fitted.shape[0]] = fitted  # outputs gained earlier in this step stay 0
             self._add(*self._grow_reader(attached, omega, places[name]), scaled=True)
 
-    def _grow_tied(self, root: nn.Module, k: int, ref: Tensor) -> None:
-        """The other writers (zero rows), their BatchNorms and the carriers (pass-through entries)."""
+    def _grow_tied(self, root: nn.Module, k: int, ref: Tensor, entries_at: dict[str, int | None]) -> None:
+        """The other writers (zero rows), their BatchNorms and the carriers (pass-through entries,
+        at the units' offset where a concatenation put them among others)."""
         zeros, ones = ref.new_zeros(k), ref.new_ones(k)
         for name in self.site.writers:
             writer = root.get_submodule(name)
@@ -124,10 +126,11 @@ class SiteGrowth:
             self.swaps += handler.grow_out(writer, ref.new_zeros(k, flat_in), zeros)
         for name in (*self.site.writer_norms, *self.site.carriers):
             module = root.get_submodule(name)
+            at = entries_at.get(name)
             if is_depthwise(module):
-                self.swaps += DEPTHWISE.grow(module, k)
+                self.swaps += DEPTHWISE.grow(module, k, at)
             else:  # a BatchNorm: weight 1, bias 0, statistics of a unit-variance, zero-mean input
-                self.swaps += BATCHNORM.grow(module, k, zeros, ones, weight=1.0)
+                self.swaps += BATCHNORM.grow(module, k, zeros, ones, weight=1.0, at=at)
 
     @staticmethod
     def _grow_reader(reader: nn.Module, omega: Tensor, place: tuple[int | None, int]) -> tuple[TensorSwap, Tensor]:
