@@ -150,7 +150,7 @@ def test_zoo_growth_with_real_neurons_lowers_the_training_loss(cls):
     from growc.growth.step import LineSearchBatch, assess_sites, grow_site
     from growc.tiny.strategies import make_strategy
 
-    torch.manual_seed(1)
+    torch.manual_seed(2)
     model = cls()
     x = inputs_for(model, batch=512)
     y = torch.randint(0, 3, (512,))

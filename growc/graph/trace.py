@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from growc.errors import TraceError
 from growc.graph.handlers import add_mirror, owner_of
+from growc.graph.modes import mode_faithful_graph
 
 
 class GrowcTracer(fx.Tracer):
@@ -58,10 +59,19 @@ def trace(
     leaf_modules: Iterable[str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
-    """Symbolically trace `model`; raise a TraceError that names the user's line on failure."""
+    """Symbolically trace `model`, faithful to it in training and in eval mode (see
+    `graph/modes.py`); raise a TraceError that names the user's line on failure."""
     tracer = GrowcTracer(leaf_modules)
+
+    def trace_with_leaves(leaves: set[str]) -> fx.Graph:
+        nonlocal tracer
+        tracer = GrowcTracer(leaves)
+        return tracer.trace(model, concrete_args=concrete_args)
+
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        graph, _ = mode_faithful_graph(model, trace_with_leaves, set(leaf_modules))
+    except TraceError:
+        raise
     except Exception as exc:  # fx raises many types; all mean the same thing to the user
         where = _user_frame(exc)
         if tracer.failed_in:
