@@ -256,7 +256,12 @@ def _points_lost(fp32_acc: float | None, int8_acc: float | None) -> float:
 
 
 def _attempt(
-    source: Path, tmp: Path, mode: str, calibration: Sequence[np.ndarray], keep_float: list[str], val_inputs
+    source: Path,
+    tmp: Path,
+    mode: str,
+    calibration: Sequence[np.ndarray],
+    keep_float: list[str],
+    val_inputs: Sequence[Tensor],
 ) -> np.ndarray:
     """Quantize `source` to `tmp` keeping `keep_float` in float; its outputs on `val_inputs`."""
     try:
@@ -295,7 +300,7 @@ def quantize(
         with _quiet():
             source = _preprocess(fp32_path, work / "pre.onnx")
         layers = _name_nodes(source, work / "named.onnx")
-        tried = []
+        tried, keep_float = [], []
         for keep_float in _float_choices(layers):
             int8_acc = accuracy(
                 _attempt(work / "named.onnx", tmp, mode, calibration, keep_float, val_inputs), val_labels
@@ -305,10 +310,12 @@ def quantize(
                 break
         else:
             best = max(a for a in tried if a is not None)
-            kept = " (also with the first and last layers in float)" if len(tried) > 1 else ""
+            kept = {0: "", 1: ", even keeping the first layer in float"}.get(
+                len(keep_float), ", even keeping the first and last layers in float"
+            )
             raise QuantizationError(
                 f"int8 ({mode}) accuracy {best:.2%} is {_points_lost(fp32_acc, best):.2f} points below fp32 "
-                f"{fp32_acc:.2%}{kept} (tolerance {tolerance:g}): {int8_path.name} was not written; "
+                f"{fp32_acc:.2%} at best{kept} (tolerance {tolerance:g}): {int8_path.name} was not written; "
                 "try the other --int8 mode or a larger --int8-tolerance"
             )
         kept_float = float_layers(tmp) or []
