@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -22,7 +23,7 @@ from growc.data import digits
 from growc.deploy.export import export_onnx
 from growc.deploy.freeze import freeze, write_standalone
 from growc.deploy.pipeline import export_checkpoint
-from growc.deploy.quantize import QuantizationError, accuracy, quantize, run_onnx
+from growc.deploy.quantize import QuantizationError, accuracy, float_layers, quantize, run_onnx
 
 runner = CliRunner()
 HIDDEN = 384  # MLP 64-HIDDEN-HIDDEN-10: enough weights for int8 to pay for its scales
@@ -242,6 +243,10 @@ def test_int8_is_small_and_accurate(digits_checkpoint: Path, tmp_path: Path, mod
     assert q.size_ratio >= 3.5, (q.fp32_bytes, q.int8_bytes)
     assert result.fp32_accuracy > 0.9
     assert (q.fp32_accuracy - q.int8_accuracy) * 100 <= 0.5
+    x = digits()[1].tensors[0]
+    fp32_out, int8_out = run_onnx(tmp_path / "model.onnx", [x]), run_onnx(q.path, [x])
+    # Scores within 1.5% of their range (int8 logits, quantized at the output, are 3.5% off).
+    assert np.abs(int8_out - fp32_out).max() <= 0.015 * np.abs(fp32_out).max()
     assert [r.batch for r in result.latency] == [1, 32] and all(r.onnxruntime_ms > 0 for r in result.latency)
     card = json.loads((tmp_path / "model.int8.card.json").read_text())
     assert card["inputs"] == [{"name": "input", "shape": ["batch", 64], "dtype": "float32"}]
@@ -250,10 +255,12 @@ def test_int8_is_small_and_accurate(digits_checkpoint: Path, tmp_path: Path, mod
     assert card["parameters"] == macs + 2 * HIDDEN + 10
     assert card["multiply_adds_per_sample"] == macs
     assert card["file_bytes"] == q.int8_bytes and card["opset"] == 18
+    assert card["float_layers"] == q.float_layers == []  # every layer int8, and the card says so
     assert card["growc_version"] == growc.__version__
     assert card["growth"]["neurons_added"] == {"0": 248} and card["growth"]["final_params"] == 85002
     assert "divided by 16" in card["preprocessing"]
     fp32_card = json.loads((tmp_path / "model.card.json").read_text())
+    assert "float_layers" not in fp32_card
     assert fp32_card["accuracy"] == pytest.approx(result.fp32_accuracy)
     slim = fp32_card["onnxslim"]  # tried (the frozen MLP has nothing to fold): its outcome is on the card
     assert slim["bytes_after"] == fp32_card["file_bytes"] == q.fp32_bytes and slim["reason"]
@@ -261,22 +268,46 @@ def test_int8_is_small_and_accurate(digits_checkpoint: Path, tmp_path: Path, mod
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
 
 
-def test_int8_beyond_tolerance_keeps_the_previous_file(tmp_path: Path):
-    """Per-tensor dynamic int8 cannot represent a layer whose weights span 1e4: accuracy collapses."""
+def mlp_with_huge_weights_on_a_zero_input(layer: int) -> nn.Module:
+    """The digits MLP with weights of 1e4 on an input of `layer` that is 0 for every sample: fp32
+    is unchanged, but each output channel's int8 scale is set by the 1e4 and rounds the rest to 0."""
     model = train_digits_mlp()
     with torch.no_grad():
-        model[0].weight[0, 0] = 1e4
-        model[2].weight[:, 0] = 0.0  # the huge unit is dead, so fp32 is barely affected
+        if layer > 0:  # hidden unit 0 is dead, so it is the zero input of the next layer
+            model[layer - 2].weight[0] = 0.0
+            model[layer - 2].bias[0] = -1.0
+        model[layer].weight[:, 0] = 1e4  # for layer 0: the top-left pixel, 0 in every digit
+    return model
+
+
+def test_int8_beyond_tolerance_keeps_the_previous_file(tmp_path: Path):
+    """The broken layer is the middle one: keeping the first and last in float cannot help."""
+    model = mlp_with_huge_weights_on_a_zero_input(2)
     _, val = digits()
     x, y = val.tensors
     fp32 = export_onnx(model, [x], tmp_path / "m.onnx").path
     int8 = tmp_path / "m.int8.onnx"
     int8.write_bytes(b"previous int8 file")
-    with pytest.raises(QuantizationError, match="points below fp32"):
+    with pytest.raises(QuantizationError, match="points below fp32 .* first and last layers in float"):
         quantize(fp32, int8, "dynamic", [x], y, tolerance=0.5)
     assert int8.read_bytes() == b"previous int8 file"
     assert accuracy(run_onnx(fp32, [x]), y) > 0.9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_int8_keeps_the_first_layer_in_float_when_that_is_what_it_takes(tmp_path: Path, mode: str):
+    model = mlp_with_huge_weights_on_a_zero_input(0)
+    train, val = digits()
+    x, y = val.tensors
+    assert float(train.tensors[0][:, 0].abs().max()) == 0 == float(x[:, 0].abs().max())
+    fp32 = export_onnx(model, [x], tmp_path / "m.onnx").path
+    q = quantize(fp32, tmp_path / "m.int8.onnx", mode, [x], y, [train.tensors[0]], tolerance=0.5)
+    print(f"{mode}: kept {q.float_layers}, {q.size_ratio:.2f}x, acc {q.fp32_accuracy:.4f} -> {q.int8_accuracy:.4f}")
+    assert q.float_layers == [f"{'Gemm' if mode == 'static' else 'MatMul'} 1 of 3"]
+    assert float_layers(q.path) == q.float_layers
+    assert (q.fp32_accuracy - q.int8_accuracy) * 100 <= 0.5 and q.fp32_accuracy > 0.9
+    assert q.size_ratio > 2.5  # the other two layers are int8
 
 
 def flat(text: str) -> str:

@@ -67,6 +67,7 @@ def test_int8_of_a_30k_parameter_cnn_is_3_5x_smaller(cnn_checkpoint: Path, tmp_p
     assert q.fp32_accuracy > 0.95 and (q.fp32_accuracy - q.int8_accuracy) * 100 <= 0.5
     card = json.loads((tmp_path / "model.int8.card.json").read_text())
     assert card["size_ratio"] == round(q.size_ratio, 3) and card["file_bytes"] == q.int8_bytes
+    assert card["float_layers"] == q.float_layers == []  # every layer int8
 
 
 def _kernels(path: Path) -> set[str]:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import growc
+from growc.deploy.quantize import float_layers
 from growc.graph.flops import multiply_adds
 
 
@@ -98,6 +99,9 @@ def write_card(
         "growth": growth_summary(growth_report),
         **(extra or {}),
     }
+    kept_float = float_layers(onnx_path)
+    if kept_float is not None:  # an int8 file: the layers it keeps in float to stay accurate
+        card["float_layers"] = kept_float
     path = card_path(onnx_path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(card, indent=2, default=str) + "\n")
