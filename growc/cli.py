@@ -65,7 +65,7 @@ class RichObserver:
     def step_end(self, record) -> None:
         if self.quiet:
             return
-        console.print(step_table(record))
+        console.print(step_table(record, console.width))
         if record.note:
             console.print(f"[yellow]{record.note}[/]")
 
@@ -111,36 +111,60 @@ def _step_rows(record) -> list[list[str]]:
     return rows
 
 
-def step_table(record) -> Table:
-    """One growth step: each site's width, bottleneck and what was added. A light frame, and
-    number columns as wide as their longest value, so nothing is cut at 80 columns."""
+#: Dropped, in this order, when the terminal is too narrow for every number at full width.
+OPTIONAL_STEP_COLUMNS = ("sig.", "rel.")
+SITE_MIN_WIDTH = 8  # a site name narrower than this folds into too many lines
+
+
+def _fitting_columns(widths: dict[str, int], limit: int) -> tuple[list[str], int]:
+    """The step table's columns that fit in `limit` characters (two between columns), dropping
+    the optional ones first, and the width left for the site names."""
+    kept = list(widths)
+    for name in (None, *OPTIONAL_STEP_COLUMNS):
+        if name is not None:
+            kept.remove(name)
+        numbers = sum(widths[c] for c in kept if c != "site") + 2 * (len(kept) - 1)
+        if SITE_MIN_WIDTH + numbers <= limit:
+            break
+    return kept, max(SITE_MIN_WIDTH, min(widths["site"], limit - numbers))
+
+
+def step_table(record, width: int = 80) -> Table:
+    """One growth step: each site's width, bottleneck and what was added, for a terminal `width`
+    wide. A light frame, number columns as wide as their longest value (site names fold), and
+    fewer columns on a narrow terminal, so no number is cut."""
     acc = f"{record.val_accuracy:.2%}" if record.val_accuracy is not None else "n/a"
     title = (
         f"step {record.step}: {record.params:,} params, train loss {record.train_loss:.4f}, "
         f"val loss {record.val_loss:.4f}, val acc {acc}"
     )
     rows = _step_rows(record)
+    longest = {
+        header: max([len(line) for line in header.split("\n")] + [len(row[i]) for row in rows])
+        for i, (header, _) in enumerate(STEP_COLUMNS)
+    }
+    kept, site_width = _fitting_columns(longest, width)
     table = Table(
         title=title,
         title_justify="left",
-        min_width=len(title),  # as wide as the title when the terminal allows, so the title stays one line
+        min_width=min(len(title), width),  # as wide as the title when the terminal allows: one line
         box=box.SIMPLE_HEAD,
         show_edge=False,
         collapse_padding=True,
         pad_edge=False,
     )
-    for i, (header, justify) in enumerate(STEP_COLUMNS):
-        longest = max([len(line) for line in header.split("\n")] + [len(row[i]) for row in rows])
-        is_site = i == 0
+    for header, justify in STEP_COLUMNS:
+        if header not in kept:
+            continue
         table.add_column(
             header,
             justify=justify,
             overflow="fold",  # never "…": a value too long for the terminal goes on to the next line
-            min_width=None if is_site else longest,
-            ratio=1 if is_site else None,
+            width=site_width if header == "site" else longest[header],
         )
+    columns = [i for i, (header, _) in enumerate(STEP_COLUMNS) if header in kept]
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*[row[i] for i in columns])
     return table
 
 

@@ -3,6 +3,7 @@ checkpoint, determinism, and that bad input gets one clear sentence instead of a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -715,3 +716,22 @@ def test_piped_output_at_80_columns_is_whole(tmp_path):
     assert "…" not in text, text
     assert "\n\n\n" not in text, text  # no run of blank lines
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+@pytest.mark.parametrize("columns", [60, 80, 120])
+def test_step_table_keeps_every_number_whole(full_run, columns):
+    """The real run's first step at several terminal widths: each number shown whole (columns
+    are dropped on a narrow terminal, never digits)."""
+    from rich.console import Console
+
+    from growc.cli import _step_rows, step_table
+
+    record = full_run[2].report.steps[0]
+    console = Console(width=columns, record=True, file=io.StringIO())
+    console.print(step_table(record, columns))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= columns
+    cells = text.split()
+    for row in _step_rows(record):
+        for number in row[1:3] + row[5:]:  # width, bottleneck, added, gamma, gains: never dropped
+            assert number in cells, (number, text)
