@@ -16,21 +16,21 @@ dynamic() {  # dynamic int8 of CHECKPOINT, growc export's summary only
     rm -rf "$tmp"
 }
 
-growc grow examples/digits_mlp.py --quiet
+growc grow examples/digits_mlp.py --out exported_models/digits_mlp --quiet
 growc export exported_models/digits_mlp/model.safetensors --int8 static
 dynamic exported_models/digits_mlp/model.safetensors
-growc grow examples/digits_cnn.py --quiet
+growc grow examples/digits_cnn.py --out exported_models/digits_cnn --quiet
 growc export exported_models/digits_cnn/model.safetensors --int8 static --data examples/digits_cnn.py
 dynamic exported_models/digits_cnn/model.safetensors --data examples/digits_cnn.py
 
 MNIST="${MNIST:-../shared/data/mnist.npz}"
 if [[ -f "$MNIST" ]]; then
-    growc grow examples/mnist_mlp.py --data "mnist:$MNIST" --batch-size 128 --final-epochs 10 --quiet
+    growc grow examples/mnist_mlp.py --out exported_models/mnist_mlp --data "mnist:$MNIST" --batch-size 128 --final-epochs 10 --quiet
     growc export exported_models/mnist_mlp/model.safetensors --int8 static --data "mnist:$MNIST"
     dynamic exported_models/mnist_mlp/model.safetensors --data "mnist:$MNIST"
     # mnist_cnn.py's data() reads the file named by MNIST_NPZ
     export MNIST_NPZ="$MNIST"
-    growc grow examples/mnist_cnn.py --batch-size 128 --steps 8 --final-epochs 4 --quiet
+    growc grow examples/mnist_cnn.py --out exported_models/mnist_cnn --batch-size 128 --steps 8 --final-epochs 4 --quiet
     cnn_preprocessing="28x28 grayscale digit as a float32 (1, 28, 28) image, each pixel (0-255) divided by 255"
     growc export exported_models/mnist_cnn/model.safetensors --int8 static --data examples/mnist_cnn.py \
         --preprocessing "$cnn_preprocessing"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -10,15 +11,21 @@ from torch import nn
 
 from growc.data import as_loader, load_builtin
 from growc.deploy.export import export_onnx
-from growc.errors import GrowcError
+from growc.errors import GrowcError, GrowcWarning, check_writable_folder
 from growc.graph.candidates import CandidateReport, find_width_sites
 from growc.graph.depth import find_depth_edges
-from growc.graph.trace import trace
+from growc.graph.trace import parameter_count, trace
 from growc.growth import distributed
 from growc.growth.config import GrowthConfig
 from growc.growth.loop import GrowthResult, Observer, grow
 from growc.growth.plots import write_plots
-from growc.userfile import check_model_takes_data, load_user_data, load_user_file
+from growc.userfile import (
+    beside_script,
+    check_model_takes_data,
+    extra_outputs_warning,
+    load_user_data,
+    load_user_file,
+)
 
 #: Validation samples on which onnxruntime is compared with torch.
 ONNX_CHECK_SAMPLES = 1000
@@ -74,6 +81,26 @@ def _check_settings(config: GrowthConfig) -> None:
         raise GrowcError(f"unknown device '{config.device}': use cpu, cuda or cuda:N") from None
 
 
+def default_out(model_file: str | Path) -> Path:
+    """Where a run's files go without --out: runs/<model file name>/ (ignored by git)."""
+    return Path("runs") / Path(model_file).stem
+
+
+def data_spec(data: str, model_file: Path, from_file: bool) -> str:
+    """What the run was grown on, for the checkpoint, so `growc export` can use the same data:
+    the model file's path when its data() was used, else the built-in set as given."""
+    return str(model_file) if from_file else data
+
+
+def _check_budget(config: GrowthConfig, model: nn.Module) -> None:
+    params = parameter_count(model)
+    if config.max_params is not None and config.max_params < params:
+        raise GrowcError(
+            f"--max-params {config.max_params:,} is below the model's starting size ({params:,} parameters): "
+            "give a larger budget or start from a smaller model"
+        )
+
+
 def grow_file(
     model_file: str | Path,
     data: str = "digits",
@@ -86,24 +113,44 @@ def grow_file(
     **settings,
 ) -> GrowthResult:
     """`growc grow`: load MODEL.py, grow its model, write model.onnx, model.safetensors and
-    report.json to `out` (default exported_models/<file name>/)."""
+    report.json to `out` (default runs/<file name>/). The file's folder is first on sys.path for
+    the whole run, as under `python MODEL.py` (its data() and loss may import modules beside it)."""
     model_file = Path(model_file)
-    out = Path(out) if out is not None else Path("exported_models") / model_file.stem
+    out = Path(out) if out is not None else default_out(model_file)
     # Under torchrun: join the process group; each rank trains on its own device (cuda:LOCAL_RANK).
     settings["device"] = distributed.join_from_environment(settings.get("device", GrowthConfig.device))
     config = GrowthConfig(**settings)
     _check_settings(config)
+    with beside_script(model_file):
+        return _grow_file(model_file, data, out, config, observer, leaf_modules, concrete_args, opset, resume)
+
+
+def _grow_file(
+    model_file: Path,
+    data: str,
+    out: Path,
+    config: GrowthConfig,
+    observer: Observer | None,
+    leaf_modules: Iterable[str],
+    concrete_args: dict | None,
+    opset: int,
+    resume: bool,
+) -> GrowthResult:
     torch.manual_seed(config.seed)  # the model file builds the model: its initialization is seeded too
     user = load_user_file(model_file)
+    _check_budget(config, user.model)
     train, val = load_user_data(user) if user.data is not None else load_builtin(data, config.seed)
     train_loader = as_loader(train, config.batch_size, shuffle=True, seed=config.seed)
     val_loader = as_loader(val, max(config.batch_size, 256), shuffle=False, seed=config.seed)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GrowcError("--device cuda was asked for but torch sees no GPU: use --device cpu")
-    check_model_takes_data(user.model, train_loader, user.loss, device)
+    output = check_model_takes_data(user.model, train_loader, user.loss, device)
+    check_writable_folder(out)
+    warning = extra_outputs_warning(output, train, val)
+    if warning and distributed.is_main():
+        warnings.warn(warning, GrowcWarning, stacklevel=2)
 
-    out.mkdir(parents=True, exist_ok=True)
     result = grow(
         user.model,
         train_loader,
@@ -115,6 +162,7 @@ def grow_file(
         concrete_args=concrete_args,
         checkpoint=out / "model.safetensors",
         resume=resume,
+        checkpoint_extra={"data": data_spec(data, model_file, user.data is not None)},
     )
     if not distributed.is_main():
         return result  # only rank 0 writes the ONNX file, report.json and the plots

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from growc.errors import GrowcError
+from growc.errors import GrowcError, GrowcWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -38,7 +40,7 @@ class RichObserver:
         console.print(f"[bold]growth sites[/]: {', '.join(s.name for s in sites)}  ·  {params:,} parameters")
 
     def epoch_start(self, step: int, epoch: int, epochs: int, batches: int) -> None:
-        if self.quiet:
+        if self.quiet or not console.is_terminal:  # piped: a bar only leaves blank lines behind
             return
         self.progress = Progress(
             TextColumn(f"step {step} epoch {epoch + 1}/{epochs}"),
@@ -63,43 +65,107 @@ class RichObserver:
     def step_end(self, record) -> None:
         if self.quiet:
             return
-        acc = f"{record.val_accuracy:.2%}" if record.val_accuracy is not None else "n/a"
-        title = f"step {record.step}: {record.params:,} params, train loss {record.train_loss:.4f}, val loss {record.val_loss:.4f}, val acc {acc}"
-        table = Table(title=title, title_justify="left")
-        for column in (
-            "site",
-            "width",
-            "bottleneck",
-            "relative",
-            "significant",
-            "added",
-            "gamma",
-            "predicted gain",
-            "observed gain",
-        ):
-            table.add_column(column, justify="right" if column != "site" else "left")
-        grown = {g.site: g for g in record.grown}
-        for site, width in record.widths.items():
-            b = record.bottlenecks.get(site, {})
-            g = grown.get(site)
-            table.add_row(
-                site,
-                str(width),
-                f"{b['bottleneck']:.3g}" if b else "-",
-                f"{b['relative']:.2f}" if b else "-",
-                str(b.get("significant", "-")),
-                str(g.neurons) if g else "0",
-                f"{g.gamma:g}" if g else "-",
-                f"{g.predicted_gain:.3g}" if g else "-",
-                f"{g.observed_gain:.3g}" if g else "-",
-            )
-        console.print(table)
+        console.print(step_table(record, console.width))
         if record.note:
             console.print(f"[yellow]{record.note}[/]")
 
     def message(self, text: str) -> None:
         if not self.quiet:
             console.print(text)
+
+
+#: The per-step table's columns: (header, justify). Headers are short so that at 80 columns every
+#: number keeps its full width; site names fold instead.
+STEP_COLUMNS = (
+    ("site", "left"),
+    ("width", "right"),
+    ("bottleneck", "right"),
+    ("rel.", "right"),
+    ("sig.", "right"),
+    ("added", "right"),
+    ("gamma", "right"),
+    ("pred.\ngain", "right"),
+    ("obs.\ngain", "right"),
+)
+
+
+def _step_rows(record) -> list[list[str]]:
+    grown = {g.site: g for g in record.grown}
+    rows = []
+    for site, width in record.widths.items():
+        b = record.bottlenecks.get(site, {})
+        g = grown.get(site)
+        rows.append(
+            [
+                site,
+                str(width),
+                f"{b['bottleneck']:.3g}" if b else "-",
+                f"{b['relative']:.2f}" if b else "-",
+                str(b.get("significant", "-")),
+                str(g.neurons) if g else "0",
+                f"{g.gamma:.3g}" if g else "-",
+                f"{g.predicted_gain:.3g}" if g else "-",
+                f"{g.observed_gain:.3g}" if g else "-",
+            ]
+        )
+    return rows
+
+
+#: Dropped, in this order, when the terminal is too narrow for every number at full width.
+OPTIONAL_STEP_COLUMNS = ("sig.", "rel.")
+SITE_MIN_WIDTH = 8  # a site name narrower than this folds into too many lines
+
+
+def _fitting_columns(widths: dict[str, int], limit: int) -> tuple[list[str], int]:
+    """The step table's columns that fit in `limit` characters (two between columns), dropping
+    the optional ones first, and the width left for the site names."""
+    kept = list(widths)
+    for name in (None, *OPTIONAL_STEP_COLUMNS):
+        if name is not None:
+            kept.remove(name)
+        numbers = sum(widths[c] for c in kept if c != "site") + 2 * (len(kept) - 1)
+        if SITE_MIN_WIDTH + numbers <= limit:
+            break
+    return kept, max(SITE_MIN_WIDTH, min(widths["site"], limit - numbers))
+
+
+def step_table(record, width: int = 80) -> Table:
+    """One growth step: each site's width, bottleneck and what was added, for a terminal `width`
+    wide. A light frame, number columns as wide as their longest value (site names fold), and
+    fewer columns on a narrow terminal, so no number is cut."""
+    acc = f"{record.val_accuracy:.2%}" if record.val_accuracy is not None else "n/a"
+    title = (
+        f"step {record.step}: {record.params:,} params, train loss {record.train_loss:.4f}, "
+        f"val loss {record.val_loss:.4f}, val acc {acc}"
+    )
+    rows = _step_rows(record)
+    longest = {
+        header: max([len(line) for line in header.split("\n")] + [len(row[i]) for row in rows])
+        for i, (header, _) in enumerate(STEP_COLUMNS)
+    }
+    kept, site_width = _fitting_columns(longest, width)
+    table = Table(
+        title=title,
+        title_justify="left",
+        min_width=min(len(title), width),  # as wide as the title when the terminal allows: one line
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    for header, justify in STEP_COLUMNS:
+        if header not in kept:
+            continue
+        table.add_column(
+            header,
+            justify=justify,
+            overflow="fold",  # never "…": a value too long for the terminal goes on to the next line
+            width=site_width if header == "site" else longest[header],
+        )
+    columns = [i for i, (header, _) in enumerate(STEP_COLUMNS) if header in kept]
+    for row in rows:
+        table.add_row(*[row[i] for i in columns])
+    return table
 
 
 def summary_table(report: dict) -> Table:
@@ -166,9 +232,7 @@ def grow(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
-    out: Annotated[
-        Optional[Path], typer.Option(help="output folder (default: exported_models/<model file name>/)")
-    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default: runs/<model file name>/)")] = None,
     leaf: Annotated[
         Optional[list[str]], typer.Option(help="submodule (path or class name) to keep opaque when tracing")
     ] = None,
@@ -180,45 +244,46 @@ def grow(
     quiet: Annotated[bool, typer.Option(help="print only the summary")] = False,
 ) -> None:
     """Grow MODEL_FILE's model by its expressivity bottlenecks, then export it to ONNX."""
-    from growc.api import grow_file
+    from growc.api import default_out, grow_file
     from growc.growth.distributed import environment_rank
 
-    out = out or Path("exported_models") / model_file.stem
+    out = out or default_out(model_file)
+    checkpoint = out / "model.safetensors"
+    previous = _mtime(checkpoint)  # a checkpoint already there is an earlier run's, until rewritten
     _terminate_as_interrupt()
     try:
-        result = grow_file(
-            model_file,
-            data=data,
-            out=out,
-            epochs=epochs,
-            final_epochs=final_epochs,
-            steps=steps,
-            max_params=max_params,
-            strategy=strategy,
-            depth=depth,
-            max_flops=max_flops,
-            target_accuracy=target_accuracy,
-            time_budget=time_budget,
-            trigger=trigger,
-            resume=resume,
-            lr=lr,
-            optimizer=optimizer,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            leaf_modules=leaf or [],
-            concrete_args=_concrete_args(concrete or []),
-            opset=opset,
-            observer=RichObserver(quiet or environment_rank() != 0),  # under torchrun rank 0 prints
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", GrowcWarning)
+            warnings.showwarning = _show_warning
+            result = grow_file(
+                model_file,
+                data=data,
+                out=out,
+                epochs=epochs,
+                final_epochs=final_epochs,
+                steps=steps,
+                max_params=max_params,
+                strategy=strategy,
+                depth=depth,
+                max_flops=max_flops,
+                target_accuracy=target_accuracy,
+                time_budget=time_budget,
+                trigger=trigger,
+                resume=resume,
+                lr=lr,
+                optimizer=optimizer,
+                batch_size=batch_size,
+                seed=seed,
+                device=device,
+                leaf_modules=leaf or [],
+                concrete_args=_concrete_args(concrete or []),
+                opset=opset,
+                observer=RichObserver(quiet or environment_rank() != 0),  # under torchrun rank 0 prints
+            )
     except GrowcError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail(
-            f"interrupted: the last completed step's checkpoint is {out}/model.safetensors; "
-            f"continue with the same command and --resume",
-            code=130,
-        )
+        _fail(_interrupted(checkpoint, resume, previous), code=130)
     if environment_rank() != 0:
         return
     final = result.report.final
@@ -234,6 +299,31 @@ def grow(
     console.print(
         f"wrote {out}/model.onnx (onnxruntime max |diff| {final['onnx_max_abs_diff']:.1e}), {out}/model.safetensors, {out}/report.json"
     )
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """growc's warnings as one line on stderr; any other warning as Python prints it."""
+    if issubclass(category, GrowcWarning):
+        errors.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
+def _interrupted(checkpoint: Path, resume: bool, previous: int | None) -> str:
+    """What Ctrl-C leaves: the run's last checkpoint (this run's, or the resumed one), or, before
+    the first step completed, nothing."""
+    now = _mtime(checkpoint)
+    kept = now is not None and (resume or now != previous)
+    if kept:
+        return (
+            f"interrupted: the last completed step's checkpoint is {checkpoint}; "
+            "continue with the same command and --resume"
+        )
+    return "interrupted before the first growth step completed: nothing was kept; run the command again"
 
 
 def _concrete_args(pairs: list[str]) -> dict:
@@ -374,11 +464,12 @@ def export(
         float, typer.Option(help="largest accuracy loss of the int8 file, in accuracy points")
     ] = 0.5,
     data: Annotated[
-        str,
+        Optional[str],
         typer.Option(
-            help="validation/calibration data: digits, mnist:PATH, cifar10:PATH, mnist1d, or a model file's data() (MODEL.py)"
+            help="validation/calibration data: digits, mnist:PATH, cifar10:PATH, mnist1d, or a model file's data() "
+            "(MODEL.py); default: the data the run was grown on"
         ),
-    ] = "digits",
+    ] = None,
     preprocessing: Annotated[
         Optional[str], typer.Option(help="how inputs are prepared, for the model card (default: the data set's)")
     ] = None,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import growc
 from growc.errors import CheckpointError
-from growc.growth.checkpoint import read_metadata
+from growc.growth.checkpoint import read_metadata, recorded_data
 
 
 class MLP(nn.Module):
@@ -255,3 +255,40 @@ def test_load_into_resizes_the_users_layers(tmp_path):
     fresh = growc.load_into(MLP(), path)
     assert (fresh.fc1.out_features, fresh.fc2.in_features) == (9, 9)
     assert_same(grown.eval(), fresh.eval(), torch.randn(3, 6))
+
+
+# --------------------------------------------------------------------------- the data a run was grown on
+
+
+def test_a_runs_checkpoint_records_its_data(tmp_path):
+    """grow(..., checkpoint_extra=...) puts the data spec in every checkpoint it writes, beside
+    the resumable state."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    path = tmp_path / "run.safetensors"
+    config = growc.GrowthConfig(steps=1, epochs=1, final_epochs=0)
+    growc.grow(
+        MLP(),
+        loader,
+        loader,
+        nn.functional.cross_entropy,
+        config,
+        checkpoint=path,
+        checkpoint_extra={"data": "mnist:data/mnist.npz"},
+    )
+    assert recorded_data(path) == "mnist:data/mnist.npz"
+    assert "run" in read_metadata(path)["extra"], "the resumable state is still there"
+
+
+def test_a_checkpoint_without_recorded_data_exports_on_digits(tmp_path):
+    """Checkpoints written before growc recorded the data: export falls back to digits."""
+    from growc.deploy.pipeline import export_checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 10))
+    path = growc.save_checkpoint(tmp_path / "old.safetensors", growc.trace(model), {"step": 0})
+    assert recorded_data(path) is None
+    result = export_checkpoint(path, out=tmp_path / "deploy", latency_repeats=2, standalone=False)
+    assert json.loads(result.cards[0].read_text())["data"] == "digits"
+    assert result.fp32_accuracy is not None

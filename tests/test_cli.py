@@ -3,7 +3,10 @@ checkpoint, determinism, and that bad input gets one clear sentence instead of a
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -511,3 +514,224 @@ def test_inspect_an_onnx_file_shows_its_io_and_latency(tmp_path):
     assert "onnxruntime (now)" in text
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     assert_clean_failure(run_cli("inspect", tmp_path / "bad.onnx"), "is not a valid ONNX model")
+
+
+# --------------------------------------------------------------------------- a fresh machine (issue 12)
+
+ONE_STEP = ["--steps", "1", "--final-epochs", "0", "--quiet"]
+READ_ONLY = Path("/proc/self/growc-out")  # not writable, even by root
+needs_proc = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+
+
+def test_out_naming_an_existing_file(tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    assert_clean_failure(run_cli("grow", EXAMPLE, "--out", taken, *ONE_STEP), "is a file, not a folder")
+    assert taken.read_text() == "keep me"
+
+
+@needs_proc
+def test_out_that_cannot_be_written_fails_before_training():
+    result = run_cli("grow", EXAMPLE, "--out", READ_ONLY / "run", "--steps", "1", "--final-epochs", "0")
+    assert_clean_failure(result, "cannot be written", "choose a folder you can write to")
+    assert "growth sites" not in result.output and "step 0" not in result.output, "it trained first"
+
+
+@needs_proc
+def test_export_out_that_cannot_be_written(full_run):
+    out, _, _ = full_run
+    result = run_cli("export", out / "model.safetensors", "--out", READ_ONLY / "deploy")
+    assert_clean_failure(result, "--out", "cannot be written")
+
+
+def test_max_params_below_the_starting_size(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("grow", EXAMPLE, "--out", out, "--max-params", "100", *ONE_STEP)
+    assert_clean_failure(result, "--max-params 100 is below the model's starting size (166 parameters)")
+    assert not out.exists()
+
+
+def test_more_outputs_than_classes_is_warned_once(tmp_path):
+    path = write(
+        tmp_path / "wide_head.py",
+        """\
+        from torch import nn
+
+        model = nn.Sequential(nn.Linear(64, 3), nn.ReLU(), nn.Linear(3, 12))
+        """,
+    )
+    result = run_cli("grow", path, "--out", tmp_path / "out", "--steps", "0", "--final-epochs", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert flat(result.output).count("the model has 12 outputs but the data has 10 classes") == 1, result.output
+    # a head that fits the data: no warning
+    fits = run_cli("grow", EXAMPLE, "--out", tmp_path / "fits", "--steps", "0", "--final-epochs", "0", "--quiet")
+    assert fits.exit_code == 0 and "warning" not in fits.output
+
+
+def test_export_of_an_onnx_file_says_what_to_give(full_run):
+    out, _, _ = full_run
+    result = run_cli("export", out / "model.onnx", "--out", out / "never")
+    assert_clean_failure(result, "is an ONNX file, not a growc checkpoint", "model.safetensors", "growc inspect")
+    assert not (out / "never").exists()
+
+
+def test_export_uses_the_data_the_run_was_grown_on(tmp_path):
+    """A run on 20-feature data from the model file's data(): export without --data uses it
+    (the default digits would not fit the model)."""
+    path = write(
+        tmp_path / "twenty.py",
+        """\
+        import torch
+        from torch import nn
+        from torch.utils.data import TensorDataset
+
+        model = nn.Sequential(nn.Linear(20, 3), nn.ReLU(), nn.Linear(3, 4))
+
+
+        def data():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(200, 20, generator=g)
+            y = (x[:, :4].argmax(1)).long()
+            return TensorDataset(x[:160], y[:160]), TensorDataset(x[160:], y[160:])
+        """,
+    )
+    out = tmp_path / "out"
+    assert run_cli("grow", path, "--out", out, *ONE_STEP).exit_code == 0
+    result = run_cli("export", out / "model.safetensors", "--out", tmp_path / "deploy")
+    assert result.exit_code == 0, result.output
+    card = json.loads((tmp_path / "deploy" / "model.card.json").read_text())
+    assert card["data"] == str(path)
+    assert card["accuracy"] is not None
+    # --data still wins: digits does not fit, and says so
+    wrong = run_cli("export", out / "model.safetensors", "--out", tmp_path / "d2", "--data", "digits")
+    assert_clean_failure(wrong, "does not accept --data digits")
+
+
+INTERRUPTING = """\
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+model = nn.Sequential(nn.Linear(64, 2), nn.ReLU(), nn.Linear(2, 10))
+
+
+class Interrupting(Dataset):
+    \"\"\"Ctrl-C arrives while the first epoch reads its samples.\"\"\"
+
+    def __init__(self, n, stop_after=None):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.rand(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)
+        self.reads, self.stop_after = 0, stop_after
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.stop_after is not None and self.reads > self.stop_after:
+            raise KeyboardInterrupt
+        return self.x[i], self.y[i]
+
+
+def data():
+    return Interrupting(512, stop_after=STOP), Interrupting(64)
+"""
+
+
+def test_ctrl_c_before_the_first_step_says_nothing_was_kept(tmp_path):
+    path = write(
+        tmp_path / "stops.py", "STOP = 700\n" + INTERRUPTING
+    )  # after the checks (576 reads), in step 0's epoch
+    out = tmp_path / "out"
+    result = run_cli("grow", path, "--out", out, *ONE_STEP)
+    output = assert_clean_failure(result, "before the first growth step completed", "nothing was kept")
+    assert result.exit_code == 130
+    assert "--resume" not in output
+    assert not (out / "model.safetensors").exists()
+
+
+def test_ctrl_c_after_a_step_names_its_checkpoint(tmp_path):
+    path = write(tmp_path / "stops.py", "STOP = 1300\n" + INTERRUPTING)  # in the epoch of step 1
+    out = tmp_path / "out"
+    result = run_cli("grow", path, "--out", out, "--steps", "3", "--final-epochs", "0", "--quiet")
+    assert_clean_failure(result, "the last completed step's checkpoint is", "--resume")
+    assert (out / "model.safetensors").is_file()
+
+
+def test_default_out_is_ignored_by_git(tmp_path, monkeypatch):
+    """The README's first command must not dirty a clone: the default --out is git-ignored."""
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("grow", EXAMPLE, "--steps", "0", "--final-epochs", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    written = Path("runs") / "digits_mlp" / "model.onnx"
+    assert (tmp_path / written).is_file()
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("git or the repository is not available")
+    check = subprocess.run(["git", "check-ignore", "-q", str(written)], cwd=ROOT, capture_output=True)
+    assert check.returncode == 0, f"{written} is not ignored by .gitignore"
+
+
+LONG_SITE_NAMES = """\
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a_rather_long_feature_extractor_name = nn.Linear(8, 2)
+        self.classifier_head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.classifier_head(torch.relu(self.a_rather_long_feature_extractor_name(x)))
+
+
+model = Net
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = x[:, :3].argmax(1)
+    return TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:])
+"""
+
+
+def test_piped_output_at_80_columns_is_whole(tmp_path):
+    """Piped (not a terminal) at 80 columns: no progress bars' blank lines, no number cut to '…'
+    (a long site name folds instead)."""
+    path = write(tmp_path / "long_names.py", LONG_SITE_NAMES)
+    proc = subprocess.run(
+        [sys.executable, "-m", "growc", "grow", str(path), "--out", str(tmp_path / "out"), "--steps", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "step 0" in text and "bottleneck" in text and "step 1" in text
+    assert "…" not in text, text
+    assert "\n\n\n" not in text, text  # no run of blank lines
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+@pytest.mark.parametrize("columns", [60, 80, 120])
+def test_step_table_keeps_every_number_whole(full_run, columns):
+    """The real run's first step at several terminal widths: each number shown whole (columns
+    are dropped on a narrow terminal, never digits)."""
+    from rich.console import Console
+
+    from growc.cli import _step_rows, step_table
+
+    record = full_run[2].report.steps[0]
+    console = Console(width=columns, record=True, file=io.StringIO())
+    console.print(step_table(record, columns))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= columns
+    cells = text.split()
+    for row in _step_rows(record):
+        for number in row[1:3] + row[5:]:  # width, bottleneck, added, gamma, gains: never dropped
+            assert number in cells, (number, text)

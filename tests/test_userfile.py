@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import growc
 from growc.cli import app
 from growc.errors import GrowcError
-from growc.userfile import default_loss, load_user_file
+from growc.userfile import beside_script, default_loss, load_user_file
 
 FAST = ["--steps", "2", "--final-epochs", "1", "--quiet"]
 
@@ -158,6 +158,98 @@ def test_model_file_that_is_not_python(tmp_path):
         load_user_file(path)
 
 
+# --------------------------------------------------------------------------- modules beside the file
+
+# Names unique to this test file: Python keeps an imported module in sys.modules.
+SIBLINGS = ("_growc_test_sibling_width", "_growc_test_sibling_data")
+
+MODEL_WITH_SIBLINGS = """\
+from torch import nn
+
+from _growc_test_sibling_width import WIDTH
+
+
+model = nn.Sequential(nn.Linear(64, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
+
+
+def data():
+    from _growc_test_sibling_data import load  # imported lazily, while the run calls data()
+
+    return load()
+"""
+
+SIBLING_DATA = """\
+import torch
+from torch.utils.data import TensorDataset
+
+
+def load():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(160, 64, generator=g), torch.randint(0, 10, (160,), generator=g)
+    return TensorDataset(x[:128], y[:128]), TensorDataset(x[128:], y[128:])
+"""
+
+
+@pytest.fixture
+def model_with_siblings(tmp_path):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "_growc_test_sibling_width.py").write_text("WIDTH = 3\n")
+    (folder / "_growc_test_sibling_data.py").write_text(SIBLING_DATA)
+    path = write(folder, "model.py", MODEL_WITH_SIBLINGS)
+    yield path
+    for name in SIBLINGS:
+        sys.modules.pop(name, None)
+
+
+def test_model_file_imports_modules_beside_it(model_with_siblings, tmp_path):
+    """As under `python model.py`: a top-level import and one inside data(), through grow,
+    inspect and export (whose data() is the model file's, as the checkpoint records)."""
+    path_before = list(sys.path)
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["grow", str(model_with_siblings), "--out", str(out), "--steps", "1", "--final-epochs", "0", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert sys.modules["_growc_test_sibling_data"].__file__ == str(
+        model_with_siblings.parent / "_growc_test_sibling_data.py"
+    )
+    assert sys.path == path_before, "the model file's folder stays on sys.path after the run"
+
+    inspected = runner.invoke(app, ["inspect", str(model_with_siblings)])
+    assert inspected.exit_code == 0, inspected.output
+
+    for name in SIBLINGS:  # export imports them afresh, as a new process would
+        sys.modules.pop(name, None)
+    exported = runner.invoke(app, ["export", str(out / "model.safetensors"), "--out", str(tmp_path / "deploy")])
+    assert exported.exit_code == 0, exported.output
+    card = json.loads((tmp_path / "deploy" / "model.card.json").read_text())
+    assert card["data"] == str(model_with_siblings)
+    assert sys.path == path_before
+
+
+def test_without_its_folder_the_sibling_is_not_found(model_with_siblings):
+    """The same file loaded outside growc's span fails: the test above is not passing by accident."""
+    sys.path_importer_cache.clear()
+    with pytest.raises(ModuleNotFoundError):
+        __import__("_growc_test_sibling_data")
+    with beside_script(model_with_siblings):
+        assert __import__("_growc_test_sibling_data").load
+
+
+def test_beside_script_nests_and_restores_sys_path_on_error(tmp_path):
+    folder = str(tmp_path.resolve())
+    before = list(sys.path)
+    with pytest.raises(RuntimeError), beside_script(tmp_path / "model.py"):
+        assert sys.path[0] == folder
+        with beside_script(tmp_path / "other.py"):
+            assert sys.path.count(folder) == 1
+        assert sys.path[0] == folder, "the inner span does not take the folder away from the outer one"
+        raise RuntimeError("the run failed")
+    assert sys.path == before
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -207,8 +299,9 @@ def test_data_dataloaders_with_two_inputs(tmp_path):
             "empty",
         ),
         ("def data():\n    return 3, 4\n", "Dataset or a DataLoader"),
+        ("def data():\n    return 'train', 'val'\n", "returned a str as its train part: it must return (train, val)"),
     ],
-    ids=["not-callable", "raises", "not-a-pair", "no-target", "empty", "not-datasets"],
+    ids=["not-callable", "raises", "not-a-pair", "no-target", "empty", "not-datasets", "strings"],
 )
 def test_bad_data_function(tmp_path, data_source, phrase):
     path = write(tmp_path, "m.py", NET + "model = Net\n\n\n" + data_source)

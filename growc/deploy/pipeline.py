@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from growc.deploy.freeze import check_same_outputs, freeze
 from growc.deploy.latency import Latency, measure_latency
 from growc.deploy.quantize import DEFAULT_TOLERANCE, MODES, QuantizeResult, accuracy, quantize, run_onnx
 from growc.deploy.standalone import generate, write_standalone
-from growc.errors import CheckpointError, GrowcError
-from growc.growth.checkpoint import load, read_metadata
+from growc.errors import CheckpointError, GrowcError, check_writable_folder
+from growc.growth.checkpoint import load, read_metadata, recorded_data
+from growc.userfile import beside_script, load_user_data, load_user_file
 
 VAL_SAMPLES = 10_000  # the whole validation split of every built-in data set
 CALIBRATION_SAMPLES = 512
@@ -57,8 +59,6 @@ class DeployResult:
 def _load_data(data: str) -> tuple:
     """A built-in set (NAME or NAME:PATH), or the `data()` of a model file (a path ending in .py)."""
     if data.endswith(".py"):
-        from growc.userfile import load_user_data, load_user_file
-
         user = load_user_file(data)
         if user.data is None:
             raise GrowcError(f"{data} defines no `data()`: name a built-in set with --data instead")
@@ -125,7 +125,7 @@ def export_checkpoint(
     opset: int = 18,
     int8: str = "none",
     int8_tolerance: float = DEFAULT_TOLERANCE,
-    data: str = "digits",
+    data: str | None = None,
     preprocessing: str | None = None,
     latency_repeats: int = 50,
     standalone: bool = True,
@@ -133,6 +133,8 @@ def export_checkpoint(
 ) -> DeployResult:
     """Freeze the checkpoint's model and write model.onnx (+ model.int8.onnx), a card beside each,
     and standalone/model.py + weights.safetensors to `out` (default: <checkpoint folder>/deploy).
+    `data`: the validation/calibration data; default: the data the run was grown on, as the
+    checkpoint records it (digits for checkpoints that do not).
     `slim`: simplify model.onnx with onnxslim when it is installed and the result is smaller
     with the same outputs (see `growc.deploy.slim`)."""
     checkpoint = Path(checkpoint)
@@ -142,6 +144,38 @@ def export_checkpoint(
         raise GrowcError(f"--int8-tolerance must be 0 or more accuracy points, got {int8_tolerance:g}")
     out = Path(out) if out is not None else checkpoint.parent / "deploy"
     meta = read_metadata(checkpoint)
+    data = data or _grown_on(checkpoint) or "digits"
+    # A model file's data() may import modules beside it, also lazily while samples are read.
+    with beside_script(data) if data.endswith(".py") else nullcontext():
+        return _deploy(
+            checkpoint, out, meta, data, opset, int8, int8_tolerance, preprocessing, latency_repeats, standalone, slim
+        )
+
+
+def _grown_on(checkpoint: Path) -> str | None:
+    """The recorded data of the run; a model file that is no longer there is said so."""
+    data = recorded_data(checkpoint)
+    if data is not None and data.endswith(".py") and not Path(data).is_file():
+        raise GrowcError(
+            f"'{checkpoint}' was grown on the data() of {data}, which is not there (run from another folder?): "
+            "give the data with --data"
+        )
+    return data
+
+
+def _deploy(
+    checkpoint: Path,
+    out: Path,
+    meta: dict,
+    data: str,
+    opset: int,
+    int8: str,
+    int8_tolerance: float,
+    preprocessing: str | None,
+    latency_repeats: int,
+    standalone: bool,
+    slim: bool,
+) -> DeployResult:
     model = _load_model(checkpoint)
     train, val = _load_data(data)
     val_inputs, val_labels = _take(val, VAL_SAMPLES)
@@ -160,7 +194,7 @@ def export_checkpoint(
     if standalone:
         generate(frozen)  # raises now, before any file is written, if model.py cannot express it
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out)
     onnx_path = out / "model.onnx"
     exported = _export(frozen, val_inputs, onnx_path, opset, slim)
     fp32_accuracy = accuracy(run_onnx(onnx_path, val_inputs), val_labels)

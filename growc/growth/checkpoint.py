@@ -56,6 +56,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
+        if path.suffix.lower() == ".onnx":
+            raise CheckpointError(
+                f"'{path}' is an ONNX file, not a growc checkpoint: give the run's model.safetensors "
+                f"(beside it in the run's folder); to look at the ONNX file, run: growc inspect {path}"
+            ) from None
         raise CheckpointError(
             f"'{path}' is not a readable safetensors file ({exc}): it may be truncated or corrupted"
         ) from None
@@ -65,6 +70,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         return {"architecture": json.loads(metadata["architecture"]), "extra": json.loads(metadata.get("extra", "{}"))}
     except (KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"the metadata of '{path}' is damaged ({exc})") from None
+
+
+def recorded_data(path: str | Path) -> str | None:
+    """The data a run's checkpoint was grown on (a built-in spec such as `mnist:PATH`, or the
+    model file whose data() was used); None for checkpoints written before growc recorded it."""
+    data = read_metadata(path)["extra"].get("data")
+    return data if isinstance(data, str) and data else None
 
 
 def load(path: str | Path) -> nn.Module:

@@ -123,12 +123,14 @@ def grow(
     concrete_args: dict[str, Any] | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    checkpoint_extra: dict[str, Any] | None = None,
 ) -> GrowthResult:
     """Grow `model` in place by the expressivity bottleneck and return it with its report.
 
     With `checkpoint`, the model, the report and everything needed to continue (optimizer and
-    random states) are written there atomically after every step; with `resume`, a run continues
-    from that checkpoint and computes what the uninterrupted run would have."""
+    random states) are written there atomically after every step, with `checkpoint_extra` (JSON)
+    in its metadata; with `resume`, a run continues from that checkpoint and computes what the
+    uninterrupted run would have."""
     config = config or GrowthConfig()
     observer = observer or Observer()
     device = torch.device(config.device)
@@ -182,7 +184,7 @@ def grow(
             return
         state.elapsed += time.perf_counter() - clock_reset()
         tensors, meta = run_state_pack(graph, optimizer, train_loader, generator)
-        save_checkpoint(checkpoint, graph, {"run": state.to_json(), **meta}, tensors)
+        save_checkpoint(checkpoint, graph, {**(checkpoint_extra or {}), "run": state.to_json(), **meta}, tensors)
 
     def clock_reset() -> float:
         nonlocal clock
