@@ -329,4 +329,3 @@ def reduced_line_search_batch(batch: LineSearchBatch) -> LineSearchBatch:
     if not active():
         return batch
     return ReducedLineSearchBatch(batch.inputs, batch.target, batch.loss_fn)
-
