@@ -21,7 +21,7 @@ from growc.growth import distributed
 from growc.growth.checkpoint import load_with_state, save_checkpoint
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
-from growc.growth.report import GrowthReport, StepRecord
+from growc.growth.report import FINISHED, GrowthReport, StepRecord
 from growc.growth.run_state import RunState, restore_optimizer, restore_random_states
 from growc.growth.run_state import pack as run_state_pack
 from growc.growth.step import LineSearchBatch, allocate, assess_sites, grow_allocated
@@ -127,7 +127,9 @@ def grow(
     """Grow `model` in place by the expressivity bottleneck and return it with its report.
 
     With `checkpoint`, the model, the report and everything needed to continue (optimizer and
-    random states) are written there atomically after every step; with `resume`, a run continues
+    random states) are written there atomically after every step, and the report also to
+    report.json in the checkpoint's folder (status "running" until the final training has
+    completed, then "finished"); with `resume`, a run continues
     from that checkpoint and computes what the uninterrupted run would have."""
     config = config or GrowthConfig()
     observer = observer or Observer()
@@ -183,6 +185,7 @@ def grow(
         state.elapsed += time.perf_counter() - clock_reset()
         tensors, meta = run_state_pack(graph, optimizer, train_loader, generator)
         save_checkpoint(checkpoint, graph, {"run": state.to_json(), **meta}, tensors)
+        _write_report(report, checkpoint)
 
     def clock_reset() -> float:
         nonlocal clock
@@ -228,7 +231,7 @@ def grow(
         )
         report.steps.append(record)
         if state.final:
-            state.finished = True
+            state.finished, report.status = True, FINISHED
             report.final = _final_block(state, graph, sites, record, search_batch)
             save()
             observer.step_end(record)
@@ -250,6 +253,12 @@ def grow(
         observer.step_end(record)
 
     return GrowthResult(model=graph, user_model=user_model, report=report)
+
+
+def _write_report(report: GrowthReport, checkpoint: str | Path) -> None:
+    """report.json beside the checkpoint, after every step: a run stopped at any moment (even by
+    SIGKILL) leaves the steps it completed readable, marked as not finished until the end."""
+    report.write(Path(checkpoint).parent / "report.json")
 
 
 def _final_block(state: RunState, graph: fx.GraphModule, sites: list, last: StepRecord, batch: LineSearchBatch) -> dict:
