@@ -79,10 +79,14 @@ def _train_one_epoch(
     """One training epoch; with a collector, its last batches also feed the growth statistics."""
     batches = len(loader) if hasattr(loader, "__len__") else 0
     # Statistics come from the last batches before the growth step: the freshest weights.
-    first_stat_batch = max(0, batches - math.ceil(config.stat_samples / config.batch_size))
+    batch_size = loader_batch_size(loader)
+    first_stat_batch = 0 if batch_size is None else stat_window_start(batches, batch_size, config.stat_samples)
     observer.epoch_start(step, epoch, epochs, batches)
 
     def after_backward(index: int, size: int) -> None:
+        nonlocal first_stat_batch
+        if index == 0 and batch_size is None:  # a batch sampler or a plain iterable: the first batch says
+            first_stat_batch = stat_window_start(batches, size, config.stat_samples)
         if collector is not None and index >= first_stat_batch:
             start = time.perf_counter()
             collector.accumulate(size)
@@ -98,6 +102,22 @@ def _train_one_epoch(
     seconds["train"] += time.perf_counter() - start
     observer.epoch_end(step, epoch, loss)
     return loss
+
+
+def loader_batch_size(loader: Iterable) -> int | None:
+    """The batch size `loader` declares (a DataLoader's, or its batch sampler's); None when it
+    declares none, and only its batches can tell."""
+    for owner in (loader, getattr(loader, "batch_sampler", None)):
+        size = getattr(owner, "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
+
+
+def stat_window_start(batches: int, batch_size: int, stat_samples: int) -> int:
+    """Index of the first of an epoch's last batches that hold `stat_samples` samples (0 when the
+    epoch has fewer, or when its length is unknown: `batches` 0)."""
+    return max(0, batches - math.ceil(stat_samples / batch_size))
 
 
 def widths(model: nn.Module, sites: list) -> dict[str, int]:
