@@ -340,6 +340,7 @@ def report(out: Annotated[Path, typer.Argument(help="a growth run's output folde
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         _fail(f"'{path}' is not valid JSON ({exc})")
+
     def number(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)  # null: a NaN or infinity of the run
 

@@ -149,8 +149,8 @@ def grow(
     With `checkpoint`, the model, the report and everything needed to continue (optimizer and
     random states) are written there atomically after every step, and the report also to
     report.json in the checkpoint's folder (status "running" until the final training has
-    completed, then "finished"); with `resume`, a run continues
-    from that checkpoint and computes what the uninterrupted run would have."""
+    completed, then "finished"); with `resume`, a run continues from that checkpoint and
+    computes what the uninterrupted run would have."""
     config = config or GrowthConfig()
     observer = observer or Observer()
     device = torch.device(config.device)
