@@ -430,23 +430,28 @@ def report(out: Annotated[Path, typer.Argument(help="a growth run's output folde
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         _fail(f"'{path}' is not valid JSON ({exc})")
+
+    def number(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)  # null: a NaN or infinity of the run
+
     table = Table(title=f"growth run {out}", title_justify="left")
     for column in ("step", "params", "train loss", "val loss", "val acc", "widths", "grown"):
         table.add_column(column)
     for s in data.get("steps", []):
-        acc = f"{s['val_accuracy']:.2%}" if s.get("val_accuracy") is not None else "-"
         grown = ", ".join(f"{g['site']}+{g['neurons']}" for g in s.get("grown", []) if g["neurons"]) or "-"
         table.add_row(
             str(s["step"]),
             f"{s['params']:,}",
-            f"{s['train_loss']:.4f}",
-            f"{s['val_loss']:.4f}",
-            acc,
+            number(s.get("train_loss"), ".4f"),
+            number(s.get("val_loss"), ".4f"),
+            number(s.get("val_accuracy"), ".2%"),
             json.dumps(s["widths"]),
             grown,
         )
     console.print(table)
-    if data.get("final"):
+    # Reports from before the status field were written once, at the end of a run.
+    finished = data.get("status", "finished" if data.get("final") else "running") == "finished"
+    if finished and data.get("final"):
         console.print(summary_table(data))
     else:
         console.print("[yellow]the run has not finished: its last completed step is above[/]")

@@ -21,10 +21,6 @@ class Latency:
     onnxruntime_ms: float
     torch_ms: float
 
-    @property
-    def speedup(self) -> float:
-        return self.torch_ms / self.onnxruntime_ms if self.onnxruntime_ms > 0 else float("inf")
-
 
 def _batch_of(inputs: Sequence[Tensor], size: int) -> list[Tensor]:
     """`size` rows taken from the examples, repeated when there are fewer."""

@@ -35,9 +35,11 @@ class GrowthConfig:
     line_search_samples: int = 512  # training samples the amplitude search evaluates on
     max_new_per_site: int | None = None  # per step; default: the site's current width, at least 4
     update_existing: bool = True  # also apply the best update of the consumers' weights
-    # Also consider new residual blocks on the edges into layers. Off by default: a block ties its
-    # edge's width to the block (a residual addition), and until coupled growth lands the layer
-    # that writes that edge can no longer widen.
+    # Also consider new residual blocks on the edges into layers. A block's output joins its edge's
+    # units as one more writer of a residual stream (coupled growth), so the layer that writes the
+    # edge still widens. Off by default: in the one benchmark that tries it (CIFAR-10 ResNet,
+    # README) the run with depth growth stayed below the full-width model trained as long, while
+    # width growth alone matched it.
     depth: bool = False
     seed: int = 0
     device: str = "cpu"

@@ -329,12 +329,3 @@ def reduced_line_search_batch(batch: LineSearchBatch) -> LineSearchBatch:
     if not active():
         return batch
     return ReducedLineSearchBatch(batch.inputs, batch.target, batch.loss_fn)
-
-
-def gather_to_main(value: Any) -> list[Any] | None:
-    """Every rank's `value` on rank 0 (None elsewhere); `[value]` without a group."""
-    if not active():
-        return [value]
-    out: list[Any] | None = [None] * world_size() if is_main() else None
-    dist.gather_object(value, out, dst=0)
-    return out

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
 from growc.graph.samples import consumer_rows, producer_rows
+from growc.growth.train import modes_kept
 from growc.tiny.solver import Neurons
 
 KINKED = {"ReLU", "relu", "ReLU6", "relu6", "LeakyReLU", "leaky_relu"}
@@ -50,16 +51,14 @@ def signed_gains(
 
     names = {site.producer, *site.consumers}
     handles = [model.get_submodule(n).register_forward_hook(keep_input(n)) for n in names]
-    training = model.training
     try:
-        model.eval()
-        with torch.enable_grad():
+        with modes_kept(model), torch.enable_grad():
+            model.eval()
             loss = loss_fn(model(*inputs), target)
             grads = torch.autograd.grad(loss, [outputs[c] for c in site.consumers], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-        model.train(training)
     batch = target.shape[0]
     rows = producer_rows(site, model, captured[site.producer]).double()
     # The producer may have gained inputs earlier in this step: only the solved ones count.

@@ -21,7 +21,7 @@ from growc.growth import distributed
 from growc.growth.checkpoint import load_with_state, save_checkpoint
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
-from growc.growth.report import GrowthReport, StepRecord
+from growc.growth.report import FINISHED, GrowthReport, StepRecord
 from growc.growth.run_state import RunState, restore_optimizer, restore_random_states
 from growc.growth.run_state import pack as run_state_pack
 from growc.growth.step import LineSearchBatch, allocate, assess_sites, grow_allocated
@@ -79,10 +79,14 @@ def _train_one_epoch(
     """One training epoch; with a collector, its last batches also feed the growth statistics."""
     batches = len(loader) if hasattr(loader, "__len__") else 0
     # Statistics come from the last batches before the growth step: the freshest weights.
-    first_stat_batch = max(0, batches - math.ceil(config.stat_samples / config.batch_size))
+    batch_size = loader_batch_size(loader)
+    first_stat_batch = 0 if batch_size is None else stat_window_start(batches, batch_size, config.stat_samples)
     observer.epoch_start(step, epoch, epochs, batches)
 
     def after_backward(index: int, size: int) -> None:
+        nonlocal first_stat_batch
+        if index == 0 and batch_size is None:  # a batch sampler or a plain iterable: the first batch says
+            first_stat_batch = stat_window_start(batches, size, config.stat_samples)
         if collector is not None and index >= first_stat_batch:
             start = time.perf_counter()
             collector.accumulate(size)
@@ -98,6 +102,22 @@ def _train_one_epoch(
     seconds["train"] += time.perf_counter() - start
     observer.epoch_end(step, epoch, loss)
     return loss
+
+
+def loader_batch_size(loader: Iterable) -> int | None:
+    """The batch size `loader` declares (a DataLoader's, or its batch sampler's); None when it
+    declares none, and only its batches can tell."""
+    for owner in (loader, getattr(loader, "batch_sampler", None)):
+        size = getattr(owner, "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
+
+
+def stat_window_start(batches: int, batch_size: int, stat_samples: int) -> int:
+    """Index of the first of an epoch's last batches that hold `stat_samples` samples (0 when the
+    epoch has fewer, or when its length is unknown: `batches` 0)."""
+    return max(0, batches - math.ceil(stat_samples / batch_size))
 
 
 def widths(model: nn.Module, sites: list) -> dict[str, int]:
@@ -129,8 +149,9 @@ def grow(
 
     With `checkpoint`, the model, the report and everything needed to continue (optimizer and
     random states) are written there atomically after every step, with `checkpoint_extra` (JSON)
-    in its metadata; with `resume`, a run continues from that checkpoint and computes what the
-    uninterrupted run would have."""
+    in its metadata, and the report also to report.json in the checkpoint's folder (status
+    "running" until the final training has completed, then "finished"); with `resume`, a run
+    continues from that checkpoint and computes what the uninterrupted run would have."""
     config = config or GrowthConfig()
     observer = observer or Observer()
     device = torch.device(config.device)
@@ -185,6 +206,7 @@ def grow(
         state.elapsed += time.perf_counter() - clock_reset()
         tensors, meta = run_state_pack(graph, optimizer, train_loader, generator)
         save_checkpoint(checkpoint, graph, {**(checkpoint_extra or {}), "run": state.to_json(), **meta}, tensors)
+        _write_report(report, checkpoint)
 
     def clock_reset() -> float:
         nonlocal clock
@@ -230,7 +252,7 @@ def grow(
         )
         report.steps.append(record)
         if state.final:
-            state.finished = True
+            state.finished, report.status = True, FINISHED
             report.final = _final_block(state, graph, sites, record, search_batch)
             save()
             observer.step_end(record)
@@ -252,6 +274,12 @@ def grow(
         observer.step_end(record)
 
     return GrowthResult(model=graph, user_model=user_model, report=report)
+
+
+def _write_report(report: GrowthReport, checkpoint: str | Path) -> None:
+    """report.json beside the checkpoint, after every step: a run stopped at any moment (even by
+    SIGKILL) leaves the steps it completed readable, marked as not finished until the end."""
+    report.write(Path(checkpoint).parent / "report.json")
 
 
 def _final_block(state: RunState, graph: fx.GraphModule, sites: list, last: StepRecord, batch: LineSearchBatch) -> dict:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -34,12 +36,19 @@ class StepRecord:
     note: str = ""
 
 
+#: `GrowthReport.status` of a run whose final training has not completed: it is in progress, or
+#: it was stopped (Ctrl-C, SIGTERM, SIGKILL) and report.json holds the steps completed before.
+RUNNING = "running"
+FINISHED = "finished"
+
+
 @dataclass
 class GrowthReport:
     config: dict
     steps: list[StepRecord] = field(default_factory=list)
     final: dict = field(default_factory=dict)
     stop_reason: str = ""
+    status: str = RUNNING
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,17 +65,28 @@ class GrowthReport:
             steps=steps,
             final=data.get("final", {}),
             stop_reason=data.get("stop_reason", ""),
+            # Reports written before the status existed were written once, at the end.
+            status=data.get("status", FINISHED if data.get("final") else RUNNING),
         )
+
+    def to_json(self) -> str:
+        """Strict JSON: a NaN or infinite number (a diverged loss, an undefined gain) is null."""
+        return json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False, default=str)
 
     def write(self, path: str | Path) -> None:
         """Write atomically: a reader never sees half a report."""
         path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
         os.replace(tmp, path)
 
 
-def _json_default(value):
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float, at any depth, replaced by None."""
     if isinstance(value, float):
-        return None
-    return str(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

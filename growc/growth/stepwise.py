@@ -28,7 +28,7 @@ from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
 from growc.growth.report import SiteGrowthRecord
 from growc.growth.step import LineSearchBatch, SiteAssessment, allocate, assess_sites, grow_allocated
-from growc.growth.train import LossFn, split_batch
+from growc.growth.train import LossFn, modes_kept, split_batch
 from growc.tiny.strategies import make_strategy
 
 
@@ -76,10 +76,9 @@ class Grower:
             self.config.seed,
         )
         kept: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        training = self.model.training
-        self.model.train()
         try:
-            with collector:
+            with modes_kept(self.model), collector:
+                self.model.train()
                 for batch in loader:
                     inputs, target = split_batch(batch, device)
                     self.model.zero_grad(set_to_none=True)
@@ -91,7 +90,6 @@ class Grower:
                         break
         finally:
             self.model.zero_grad(set_to_none=True)
-            self.model.train(training)
         if not kept:
             raise GrowcError("the loader gave no batch to measure the sites on")
         self._batch = LineSearchBatch.from_batches(kept, self.config.line_search_samples, self.loss_fn)

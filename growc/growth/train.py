@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@contextmanager
+def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Whatever the body does to train/eval modes, every submodule gets its own flag back (a
+    user may keep some layers in eval mode, e.g. frozen batch norms, inside a training model)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def split_batch(batch, device: torch.device) -> tuple[list[Tensor], Tensor]:
@@ -57,23 +70,25 @@ def is_classification(output: Tensor, target: Tensor) -> bool:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: LossFn, device: torch.device) -> tuple[float, float | None]:
-    """Mean loss and accuracy (None when the task is not classification)."""
-    model.eval()
+    """Mean loss and accuracy (None when the task is not classification); the modes are kept."""
     total, correct, count = 0.0, 0, 0
     classification = True
-    for batch in loader:
-        inputs, target = split_batch(batch, device)
-        output = model(*inputs)
-        total += float(loss_fn(output, target)) * target.shape[0]
-        count += target.shape[0]
-        if is_classification(output, target):
-            correct += int((output.argmax(1) == target).sum())
-        else:
-            classification = False
+    with modes_kept(model):
+        model.eval()
+        for batch in loader:
+            inputs, target = split_batch(batch, device)
+            output = model(*inputs)
+            total += float(loss_fn(output, target)) * target.shape[0]
+            count += target.shape[0]
+            if is_classification(output, target):
+                correct += int((output.argmax(1) == target).sum())
+            else:
+                classification = False
     return total / max(count, 1), (correct / max(count, 1) if classification else None)
 
 
 @torch.no_grad()
 def batch_loss(model: nn.Module, inputs: list[Tensor], target: Tensor, loss_fn: LossFn) -> float:
-    model.eval()
-    return float(loss_fn(model(*inputs), target))
+    """The loss in eval mode (no dropout: comparable across calls); the modes are kept."""
+    with modes_kept(model):
+        return float(loss_fn(model.eval()(*inputs), target))

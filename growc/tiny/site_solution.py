@@ -37,14 +37,6 @@ class SiteSolution:
     def relative_bottleneck(self) -> float:
         return self.bottleneck / self.gradient_energy if self.gradient_energy > 0 else 0.0
 
-    def consumer_slices(self) -> list[slice]:
-        """Rows of `omega` that belong to each consumer."""
-        out, start = [], 0
-        for u in self.updates:
-            out.append(slice(start, start + u.delta.shape[0]))
-            start += u.delta.shape[0]
-        return out
-
 
 @dataclass(frozen=True)
 class Inverses:

@@ -122,10 +122,17 @@ def best_update(s: Tensor, m: Tensor, s_pinv: Tensor | None = None) -> BestUpdat
 class Neurons:
     """Best K new neurons for a site, in decreasing order of gain.
 
-    Scale convention: `alpha[:, k]` gives the new unit a pre-activation of unit mean square on
-    the statistics batch, `omega[:, k] = lambda_k v_k`. With this split the linear part of the
-    new neurons, `omega alpha^T b'`, is the least-squares fit of `v_perp`, and neuron k reduces
-    E|v_perp|^2 by exactly `lambda_k^2`. Any other split `(c alpha, omega / c)` is equivalent.
+    Scale convention: `omega[:, k] = lambda_k v_k` (the `v_k` orthonormal) and `alpha[:, k]`
+    gives the new unit a pre-activation of mean square `q_k = alpha_k^T S' alpha_k` on the
+    statistics batch. Any other split `(c alpha, omega / c)` is equivalent.
+
+    With the exact whitening of S' (`ridge` 0), `q_k = 1`, the linear part of the new neurons,
+    `omega alpha^T b'`, is the least-squares fit of `v_perp`, and neuron k reduces E|v_perp|^2 by
+    exactly `lambda_k^2`. With a ridge (the default; see `shrunk_whitening`) the whitening is that
+    of S' plus the ridge, so the fit is a ridge regression: `q_k <= 1`, and neuron k reduces
+    E|v_perp|^2 by `lambda_k^2 (2 - q_k)`, between `lambda_k^2` and `2 lambda_k^2` (its own best
+    scale would give `lambda_k^2 / q_k`). The reductions of several neurons add up either way:
+    the cross terms vanish because the `v_k` are orthonormal.
     """
 
     alpha: Tensor  # (in', K)

@@ -1,7 +1,8 @@
 """Where new neurons come from, given a site's statistics: one small object per strategy.
 
-Every strategy returns neurons in the solver's scale convention (`alpha` gives unit mean-square
-pre-activations, `omega` carries the magnitude), so the growth loop scales and line-searches them
+Every strategy returns neurons in the solver's scale convention (`alpha` gives pre-activations of
+mean square about 1, see `Neurons`; `omega` carries the magnitude), so the growth loop scales and
+line-searches them
 the same way whatever their origin, and comparisons between strategies are fair.
 """
 
@@ -57,8 +58,15 @@ class RandomStrategy:
 
 class GradMaxStrategy:
     """GradMax-style neurons: outgoing weights along the directions of largest gradient
-    correlation E[b' g^T], incoming weights small (1e-3 of unit scale) rather than zero, so
-    that they are not dead under ReLU: the function barely changes and training takes over."""
+    correlation E[b' g^T], incoming weights small rather than zero, so that they are not dead
+    under ReLU, and accepted without an amplitude search.
+
+    Scale: `alpha` is 1e-3 of the solver's unit scale (pre-activations of RMS 1e-3, the exact
+    whitening of S'), which the loop maps to 1e-3 of the site's existing units' RMS
+    pre-activation; `omega` gets the usual scale (the first neuron's column norm is the
+    consumers' RMS column norm). So the function barely changes and training takes over, except
+    behind a BatchNorm: there the new channels' running variance is set to their own, which
+    normalizes the 1e-3 away and the units enter at full size."""
 
     name = "gradmax"
     function_preserving = True  # accepted as proposed: the amplitude search would see no change
