@@ -222,8 +222,20 @@ def test_sampled_positions_keep_per_sample_scale_and_agree_with_all_positions():
     torch.testing.assert_close(moments[16].s_prev, moments[None].s_prev, rtol=0.1, atol=0.05)
 
 
-@pytest.mark.parametrize("pool", [None, nn.MaxPool2d(2), nn.AvgPool2d(3, 2, 1)])
-def test_sampled_rows_equal_the_full_rows_at_the_same_positions(pool):
+POOLS = [
+    None,
+    nn.MaxPool2d(2),
+    nn.AvgPool2d(3, 2, 1),
+    nn.MaxPool2d(3, 2, ceil_mode=True),  # 9x9 -> 4x4 (floor would give 4x4 too: see the 10x10 case)
+    nn.MaxPool2d(3, 2, padding=1, ceil_mode=True),
+    nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+    nn.AvgPool2d(2, ceil_mode=True),
+]
+
+
+@pytest.mark.parametrize("size", [9, 10])
+@pytest.mark.parametrize("pool", POOLS, ids=repr)
+def test_sampled_rows_equal_the_full_rows_at_the_same_positions(pool, size):
     from growc.graph.samples import producer_rows, sampled_conv_rows
 
     torch.manual_seed(4)
@@ -234,7 +246,7 @@ def test_sampled_rows_equal_the_full_rows_at_the_same_positions(pool):
     )
     model = nn.Sequential(*layers)
     site = find_width_sites(trace(model)).sites[0]
-    x = torch.randn(5, 2, 9, 9)
+    x = torch.randn(5, 2, size, size)
     hidden = model[:-2](x)
     grad = torch.randn_like(model[-2](hidden))
     consumer = str(len(layers) - 2)
@@ -244,8 +256,17 @@ def test_sampled_rows_equal_the_full_rows_at_the_same_positions(pool):
     )
     chosen = torch.randperm(positions + 1, generator=torch.Generator().manual_seed(0))[:positions]
     full = producer_rows(site, model, x)
+    assert full.shape[0] == 5 * (positions + 1)  # one row per consumer output: the pooled map's true size
     torch.testing.assert_close(b_prev, full.view(5, positions + 1, -1)[:, chosen].reshape(-1, full.shape[1]))
     assert samples == pytest.approx(5 * positions / (positions + 1))
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 2, dilation=2), nn.AvgPool2d(2, divisor_override=3)], ids=repr)
+def test_a_pooling_the_statistics_cannot_follow_is_a_reason_not_a_crash(pool):
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), pool, nn.Conv2d(3, 4, 3, padding=1), nn.Flatten())
+    report = find_width_sites(trace(model))
+    assert "0" not in [s.name for s in report.sites]
+    assert any(name == "0" and "pooling" in why for name, why in report.skipped), report.skipped
 
 
 def test_mean_patch_equals_the_mean_of_unfolded_patches():

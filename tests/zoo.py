@@ -158,7 +158,7 @@ class DenseBlock(nn.Module):
 
 
 class InceptionCeil(nn.Module):
-    """GoogLeNet-style: a stem into a MaxPool2d with ceil_mode (an 8x8 map from 15x15), then
+    """GoogLeNet-style: a stem into a MaxPool2d with ceil_mode (8x8 from 16x16), then
     branches joined by concatenation, one of them a 3x3 max pool with padding."""
 
     def __init__(self):
@@ -172,7 +172,7 @@ class InceptionCeil(nn.Module):
         self.mix = nn.Conv2d(8, 4, 1)
         self.head = nn.Linear(4 * 4 * 4, 3)
 
-    def forward(self, x):  # (B, 2, 15, 15)
+    def forward(self, x):  # (B, 2, 16, 16): the ceil-mode pool gives 8x8 where floor would give 7x7
         x = self.pool(F.relu(self.stem(x)))
         x = torch.cat([F.relu(self.b1(x)), F.relu(self.b2(x)), F.relu(self.b3(self.branch_pool(x)))], 1)
         x = F.avg_pool2d(F.relu(self.mix(x)), 2, ceil_mode=True)
@@ -275,7 +275,7 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         WithAttention: [(4, 6)],
         LayerScale: [(2, 8, 8)],
         DenseBlock: [(2, 8, 8)],
-        InceptionCeil: [(2, 15, 15)],
+        InceptionCeil: [(2, 16, 16)],
         StochasticDepth: [(2, 8, 8)],
         ConvBNAct: [(2, 8, 8)],
         AttentionBlock: [(4, 6)],

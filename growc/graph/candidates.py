@@ -47,7 +47,7 @@ class WidthSite:
     slope_at_zero: float  # its slope at 0 (1.0 when the path is linear)
     norm: str | None = None  # a BatchNorm right after the producer
     spatial: bool = False  # the consumers are linear layers reading the flattened feature map
-    pools: tuple[tuple, ...] = ()  # per-channel pooling on the way: ("window", k, s, p) or ("adaptive", size)
+    pools: tuple[tuple, ...] = ()  # per-channel pooling on the way: coupling.window(...) or ("adaptive", size)
     writers: tuple[str, ...] = ()  # other layers writing the same units (residual additions): zero rows
     writer_norms: tuple[str, ...] = ()  # the BatchNorms right after those
     carriers: tuple[str, ...] = ()  # depthwise convs and other BatchNorms the units pass through

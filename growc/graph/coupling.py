@@ -75,20 +75,55 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def window(kernel, stride, padding=0, ceil_mode: bool = False, count_include_pad: bool = True) -> tuple:
+    """A pooling window as the statistics read it (see `graph/samples.py`):
+    ("window", kernel, stride, padding, ceil_mode, count_include_pad)."""
+    return ("window", _pair(kernel), _pair(stride or kernel), _pair(padding), bool(ceil_mode), bool(count_include_pad))
+
+
 def pool_spec(gm: fx.GraphModule, node: fx.Node) -> tuple:
-    """The pooling's window as ("window", kernel, stride, padding) or ("adaptive", output size)."""
+    """The pooling's geometry: a `window(...)`, or ("adaptive", output size). Max pooling is read
+    as the average over the same windows (padding not counted); what that cannot express
+    (dilated windows, a divisor override) stops the site with the reason."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
         if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            return ("adaptive", _pair(m.output_size))
-        return ("window", _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding))
-    args, kwargs = node.args, node.kwargs
-    if node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-        return ("adaptive", _pair(args[1] if len(args) > 1 else kwargs["output_size"]))
-    kernel = args[1] if len(args) > 1 else kwargs["kernel_size"]
-    stride = (args[2] if len(args) > 2 else kwargs.get("stride")) or kernel
-    padding = args[3] if len(args) > 3 else kwargs.get("padding", 0)
-    return ("window", _pair(kernel), _pair(stride), _pair(padding))
+            return _adaptive(node, m.output_size)
+        settings = {name: getattr(m, name) for name in ("kernel_size", "stride", "padding", "ceil_mode")}
+        settings["dilation"] = getattr(m, "dilation", 1)
+        settings["count_include_pad"] = getattr(m, "count_include_pad", False)
+        settings["divisor_override"] = getattr(m, "divisor_override", None)
+    else:
+        if node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+            return _adaptive(node, node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
+        is_max = node.target is F.max_pool2d
+        names = (
+            ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+            if is_max
+            else ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+        )
+        defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+        defaults.update({"count_include_pad": not is_max, "divisor_override": None})
+        settings = {n: node.args[i + 1] if len(node.args) > i + 1 else node.kwargs.get(n, defaults.get(n)) for i, n in enumerate(names)}
+        settings.setdefault("dilation", 1)
+        settings.setdefault("divisor_override", None)
+        settings.setdefault("count_include_pad", False)
+    if any(isinstance(v, fx.Node) for v in settings.values()):
+        raise Ungrowable(f"the pooling '{node.name}' takes its window from a computed value")
+    if _pair(settings["dilation"]) != (1, 1):
+        raise Ungrowable(f"the pooling '{node.name}' is dilated, which growc's statistics cannot follow")
+    if settings["divisor_override"] is not None:
+        raise Ungrowable(f"the pooling '{node.name}' overrides its divisor, which growc's statistics cannot follow")
+    return window(
+        settings["kernel_size"], settings["stride"], settings["padding"], settings["ceil_mode"], settings["count_include_pad"]
+    )
+
+
+def _adaptive(node: fx.Node, size) -> tuple:
+    size = _pair(size)
+    if any(not isinstance(v, int) for v in size):
+        raise Ungrowable(f"the adaptive pooling '{node.name}' keeps a dimension as it is (None), which growc cannot follow")
+    return ("adaptive", size)
 
 
 def is_global_mean(node: fx.Node) -> bool:
@@ -352,7 +387,7 @@ def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Gro
         stage = "flat"
     elif is_depthwise(module):
         if module.stride != (1, 1):
-            pools = (*pools, ("window", (1, 1), module.stride, (0, 0)))  # its centre tap subsamples
+            pools = (*pools, window(1, module.stride))  # its centre tap subsamples
     elif not _is_add(node) and not isinstance(module, _BATCHNORMS):
         slope = elementwise_slope(gm, node)[1]
         if slope is not None:

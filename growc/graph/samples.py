@@ -35,9 +35,19 @@ def _pool_map(maps: Tensor, pools: tuple[tuple, ...]) -> Tensor:
         if spec[0] == "adaptive":
             maps = F.adaptive_avg_pool2d(maps, spec[1])
         else:
-            _, kernel, stride, padding = spec
-            maps = F.avg_pool2d(maps, kernel, stride, padding, count_include_pad=True)
+            _, kernel, stride, padding, ceil_mode, count_include_pad = spec
+            maps = F.avg_pool2d(maps, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
     return maps
+
+
+def pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Positions along one axis after a pooling window, as torch computes them: with
+    `ceil_mode` a last partial window counts, unless it would start in the right padding."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
 def producer_rows(site: WidthSite, root: nn.Module, x_prev: Tensor) -> Tensor:
@@ -184,24 +194,28 @@ def sampled_conv_rows(
     # the average over the window's producer positions (zero padding counted, as avg_pool2d).
     x_prev = inputs[site.producer]
     p_height, p_width = conv_output_size(producer, x_prev.shape[-2:])
-    kernel, stride, padding = pools[0][1:] if pools else ((1, 1), (1, 1), (0, 0))
-    read_h = (p_height + 2 * padding[0] - kernel[0]) // stride[0] + 1
-    read_w = (p_width + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    kernel, stride, padding, ceil_mode, count_include_pad = pools[0][1:] if pools else ((1, 1), (1, 1), (0, 0), False, True)
+    read_h = pooled_size(p_height, kernel[0], stride[0], padding[0], ceil_mode)
+    read_w = pooled_size(p_width, kernel[1], stride[1], padding[1], ceil_mode)
     taps = centre_tap(consumer)
     r_rows = q_rows * consumer.stride[0] - consumer.padding[0] + consumer.dilation[0] * taps[0]
     r_cols = q_cols * consumer.stride[1] - consumer.padding[1] + consumer.dilation[1] * taps[1]
     read = (r_rows >= 0) & (r_rows < read_h) & (r_cols >= 0) & (r_cols < read_w)
     batch = x_prev.shape[0]
-    b_prev = 0.0
+    b_prev, counted = 0.0, 0.0
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             p_rows = r_rows * stride[0] - padding[0] + i
             p_cols = r_cols * stride[1] - padding[1] + j
             valid = read & (p_rows >= 0) & (p_rows < p_height) & (p_cols >= 0) & (p_cols < p_width)
+            # avg_pool2d's divisor: the window within the padded map (with count_include_pad),
+            # else the window's positions inside the map.
+            in_padded = (p_rows < p_height + padding[0]) & (p_cols < p_width + padding[1])
+            counted = counted + (in_padded if count_include_pad else valid).to(x_prev.dtype)
             at = patches_at(x_prev, *_geometry(producer), p_rows.clamp(0, p_height - 1), p_cols.clamp(0, p_width - 1))
             b_prev = b_prev + at * valid.to(at.dtype).repeat(batch)[:, None]
     mask = read.to(x_prev.dtype).repeat(batch)[:, None]
-    b_prev = _with_ones(b_prev / (kernel[0] * kernel[1]), mask)
+    b_prev = _with_ones(b_prev / counted.clamp_min(1.0).repeat(batch)[:, None], mask)
     pairs = []
     for name, layer in zip(site.consumers, consumers):
         b = patches_at(inputs[name], *_geometry(layer), q_rows, q_cols)
