@@ -79,6 +79,7 @@ class SiteGrowth:
         self._add(swaps[0], rows, scaled=not behind_norm)
         if len(swaps) > 1:
             self._add(swaps[1], bias, scaled=not behind_norm)
+        self._norm_module = root.get_submodule(site.norm) if behind_norm else None
         if behind_norm:
             norm = root.get_submodule(site.norm)
             mean = units.norm_mean if units.norm_mean is not None else rows.new_zeros(k)
@@ -145,6 +146,14 @@ class SiteGrowth:
     def _add(self, swap: TensorSwap, value: Tensor, scaled: bool) -> None:
         self.swaps.append(swap)
         self._targets.append((swap, value, scaled))
+
+    @torch.no_grad()
+    def set_norm_statistics(self, mean: Tensor, var: Tensor) -> None:
+        """The running statistics of the new entries of the BatchNorm right after the producer."""
+        for swap in self.swaps:
+            if swap.attr in ("running_mean", "running_var") and swap.module is self._norm_module:
+                value = mean if swap.attr == "running_mean" else var
+                swap.new[swap.new_slice()] = value.to(swap.new)
 
     @torch.no_grad()
     def set_amplitude(self, gamma: float) -> None:

@@ -18,7 +18,7 @@ from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_sea
 from growc.growth.config import GrowthConfig
 from growc.growth.kinks import choose_signs, is_kinked, signed_gains
 from growc.growth.report import SiteGrowthRecord
-from growc.growth.train import LossFn, batch_loss
+from growc.growth.train import LossFn, batch_loss, modes_kept
 from growc.tiny.significance import significant_neuron_count
 from growc.tiny.site_solution import SiteSolution, inverses, neurons_raw_gain, solve_site
 from growc.tiny.solver import Neurons
@@ -241,6 +241,34 @@ class LineSearchBatch:
 
 
 @torch.no_grad()
+def measure_new_norm_statistics(model: nn.Module, site: WidthSite, growth: SiteGrowth, batch: LineSearchBatch) -> None:
+    """Give the new channels of the BatchNorm after the producer the running statistics of what
+    they actually produce on the line-search samples. The solver's estimate comes from rows
+    aligned with the consumers' outputs (pooled windows averaged, a few positions sampled), which
+    can be far from what the BatchNorm sees at every position: 0.77 against 21 for a stem conv
+    feeding a max pool. The new rows are not scaled by the amplitude behind a BatchNorm, so the
+    statistics hold for every amplitude the line search tries."""
+    producer = model.get_submodule(site.producer)
+    new = slice(handler_for(producer).out_size(producer) - growth.count, None)
+    seen: list[Tensor] = []
+
+    def keep_new_channels(module: nn.Module, args: tuple, output: Tensor) -> None:
+        seen.append(output[:, new].detach().transpose(0, 1).reshape(growth.count, -1).double())
+
+    growth.set_amplitude(0.0)  # writes the new rows (unscaled behind the norm); the function is unchanged
+    hook = producer.register_forward_hook(keep_new_channels)
+    try:
+        with modes_kept(model):
+            model.eval()(*batch.inputs)  # eval: no running statistics move, no dropout
+    finally:
+        hook.remove()
+    if not seen or seen[0].shape[1] < 2:
+        return
+    values = seen[0]
+    growth.set_norm_statistics(values.mean(1), values.var(1).clamp_min(1e-12))  # unbiased, as BatchNorm keeps it
+
+
+@torch.no_grad()
 def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBatch) -> tuple[float, float, Callable]:
     """Line search on the size of the consumers' best update; returns (fraction, predicted gain,
     a function that takes the update back)."""
@@ -311,6 +339,8 @@ def grow_site(
         growth = DepthGrowth(model, a.site, units.rows, units.bias, units.omega)
     else:
         growth = SiteGrowth(model, a.site, units)
+        if a.site.norm is not None:
+            measure_new_norm_statistics(model, a.site, growth, batch)
 
     if getattr(strategy, "function_preserving", False):
         gamma = 1.0
