@@ -179,6 +179,7 @@ def _grow_file(
         {
             "onnx_path": str(exported.path),
             "onnx_max_abs_diff": exported.max_abs_diff,
+            "onnx_relative_diff": exported.relative_diff,  # of the output's scale: what parity is judged on
             "opset": exported.opset,
             "checkpoint_path": str(out / "model.safetensors"),
             "model_file": str(model_file),

@@ -297,7 +297,7 @@ def grow(
         else f"[bold green]done[/]: {final}"
     )
     console.print(
-        f"wrote {out}/model.onnx (onnxruntime max |diff| {final['onnx_max_abs_diff']:.1e}), {out}/model.safetensors, {out}/report.json"
+        f"wrote {out}/model.onnx (onnxruntime max |diff| {final['onnx_max_abs_diff']:.1e}, {final['onnx_relative_diff']:.1e} of the output's scale), {out}/model.safetensors, {out}/report.json"
     )
 
 

@@ -125,6 +125,7 @@ def test_report_has_every_field(full_run):
     assert final["final_val_accuracy"] == steps[-1]["val_accuracy"]
     assert Path(final["onnx_path"]) == out / "model.onnx"
     assert 0.0 <= final["onnx_max_abs_diff"] <= 1e-4
+    assert 0.0 <= final["onnx_relative_diff"] <= final["onnx_max_abs_diff"]
     assert report["stop_reason"]
 
 

@@ -209,7 +209,12 @@ def _deploy(
     text = preprocessing or PREPROCESSING.get(data.partition(":")[0], "")
     extra = meta["extra"]
     growth_report = extra.get("report") or extra.get("run", {}).get("report")
-    common = {"checkpoint": str(checkpoint), "data": data, "onnx_max_abs_diff": exported.max_abs_diff}
+    common = {
+        "checkpoint": str(checkpoint),
+        "data": data,
+        "onnx_max_abs_diff": exported.max_abs_diff,
+        "onnx_relative_diff": exported.relative_diff,
+    }
     if exported.slim is not None:
         common["onnxslim"] = exported.slim.as_json()
     result.cards.append(
