@@ -517,6 +517,7 @@ def export(
         console.print(
             f"int8 ({q.mode}): {q.int8_bytes:,} bytes vs {q.fp32_bytes:,} fp32 ({q.size_ratio:.2f}x smaller), "
             f"acc {pct(q.int8_accuracy)} vs {pct(q.fp32_accuracy)}"
+            + (f"; kept in float to stay within tolerance: {', '.join(q.float_layers)}" if q.float_layers else "")
         )
     console.print("wrote " + ", ".join(str(f) for f in files))
 
