@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from observers import StopAfter
 from torch import nn
 from typer.testing import CliRunner
 
 import growc
 from growc.cli import app
-from growc.growth.loop import Observer, grow
+from growc.growth.loop import grow
 from growc.growth.report import FINISHED, RUNNING, GrowthReport, SiteGrowthRecord, StepRecord
 
 runner = CliRunner()
@@ -39,19 +40,10 @@ def _setup():
     return model, train, val, config
 
 
-class _StopAfter(Observer):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def step_end(self, record) -> None:
-        if record.step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_an_interrupted_run_leaves_a_readable_report(tmp_path):
     model, train, val, config = _setup()
     with pytest.raises(KeyboardInterrupt):
-        grow(model, train, val, F.cross_entropy, config, _StopAfter(1), checkpoint=tmp_path / "model.safetensors")
+        grow(model, train, val, F.cross_entropy, config, StopAfter(1), checkpoint=tmp_path / "model.safetensors")
     report = _strict((tmp_path / "report.json").read_text())
     assert [s["step"] for s in report["steps"]] == [0, 1]
     assert report["status"] == RUNNING and not report["final"]

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from observers import StopAfter
 from torch import nn
 
 import growc
 from growc.data import as_loader, digits
 from growc.errors import GrowcError
-from growc.growth.loop import Observer, grow
+from growc.growth.loop import grow
 from growc.growth.step import LineSearchBatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,15 +31,6 @@ def _setup(seed=0):
     return model, as_loader(train, 64, True, seed), as_loader(val, 256, False, seed)
 
 
-class _StopAfter(Observer):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def step_end(self, record) -> None:
-        if record.step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_resume_reaches_the_same_model_as_an_uninterrupted_run(tmp_path):
     config = growc.GrowthConfig(steps=5, final_epochs=2, seed=0)
     model, train, val = _setup()
@@ -46,7 +38,7 @@ def test_resume_reaches_the_same_model_as_an_uninterrupted_run(tmp_path):
 
     model, train, val = _setup()
     with pytest.raises(KeyboardInterrupt):
-        grow(model, train, val, F.cross_entropy, config, observer=_StopAfter(2), checkpoint=tmp_path / "b.safetensors")
+        grow(model, train, val, F.cross_entropy, config, observer=StopAfter(2), checkpoint=tmp_path / "b.safetensors")
     model, train, val = _setup()  # a fresh process: new model, new loaders
     resumed = grow(model, train, val, F.cross_entropy, config, checkpoint=tmp_path / "b.safetensors", resume=True)
 
