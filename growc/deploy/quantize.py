@@ -10,6 +10,8 @@ digits models that rounding was 90% of the int8 error). The int8 file is first w
 temporary path and only renamed into place when its accuracy on the validation data is within
 the tolerance of the fp32 file's; when it is not, the first layer, then the first and the last,
 are kept in float (the most sensitive ones) before giving up, and the result says which.
+Weights are quantized to 7 bits (`REDUCE_RANGE`), so that the file scores the same on CPUs whose
+int8 kernels saturate (x86 without VNNI) as on the machine that checked it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ MODES = ("none", "dynamic", "static")
 DEFAULT_TOLERANCE = 0.5  # accuracy points
 CALIBRATION_SAMPLES = 512
 CALIBRATION_BATCH = 64
+#: Weights in 7 bits. On x86 CPUs without VNNI (AVX2, and AVX-512 before Cascade Lake),
+#: onnxruntime multiplies uint8 activations by int8 weights with an instruction that saturates
+#: sums of pairs at 16 bits; 7-bit weights keep every pair in range, so the file scores the same
+#: on every CPU (`growc export` checks accuracy on this machine, the device may be another).
+REDUCE_RANGE = True
 LAYER_OPS = ("Conv", "Gemm", "MatMul")  # the ops with weights that int8 quantizes
 INT8_LAYER_OPS = ("ConvInteger", "MatMulInteger")  # what dynamic quantization turns them into
 
@@ -172,7 +179,12 @@ def _quantize_to(source: Path, out: Path, mode: str, calibration: Sequence[np.nd
         # Dynamic quantization first rewrites each Gemm as MatMul (+ Add) named `<gemm>_MatMul`.
         excluded = keep_float + [f"{name}_MatMul" for name in keep_float]
         quantize_dynamic(
-            str(source), str(out), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=excluded
+            str(source),
+            str(out),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            reduce_range=REDUCE_RANGE,
+            nodes_to_exclude=excluded,
         )
     else:
         _quantize_static(source, out, calibration, keep_float)
@@ -192,6 +204,7 @@ def _quantize_static(source: Path, out: Path, calibration: Sequence[np.ndarray],
         reader,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
+        reduce_range=REDUCE_RANGE,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=keep_float,
