@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from growc.tiny.solver import best_neurons, pseudo_inverse, shrunk_whitening, whitening
+from growc.tiny.solver import best_neurons, best_update, pseudo_inverse, shrunk_whitening, whitening
 
 
 def _moment(seed: int, d: int, rank: int, dead: int = 0, spread: float = 0.0) -> torch.Tensor:
@@ -70,6 +70,20 @@ def test_neurons_match_the_eigen_path(seed, d, rank, dead, spread):
             )
         for t in (fast.alpha, fast.omega, fast.lambdas):
             assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize(("seed", "d", "rank", "dead", "spread"), CASES)
+def test_best_update_from_a_whitening_matches_the_eigen_pseudo_inverse(seed, d, rank, dead, spread):
+    s = _moment(seed, d, rank, dead, spread)
+    m = s @ torch.randn(d, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    reference = best_update(s, m, s_pinv=pseudo_inverse(s, force_eigh=True))
+    # Compared on unit-scaled inputs (delta times each input's RMS): what the update does to the
+    # output, the same whatever the units of the inputs.
+    rms = torch.diagonal(s).clamp_min(0).sqrt()
+    expected = reference.delta * rms
+    for fast in (best_update(s, m), best_update(s, m, white=whitening(s))):
+        torch.testing.assert_close(fast.delta * rms, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+        assert fast.first_order_gain == pytest.approx(reference.first_order_gain, rel=1e-9)
 
 
 def test_positive_definite_matrices_skip_the_eigen_decomposition(monkeypatch):

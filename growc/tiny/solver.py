@@ -166,10 +166,16 @@ class BestUpdate:
     first_order_gain: float  # tr(M^T S^+ M): decrease of E|v|^2, and d/d eps of -L at dW*
 
 
-def best_update(s: Tensor, m: Tensor, s_pinv: Tensor | None = None) -> BestUpdate:
-    """`s_pinv` may be given when it is already known (the same S for several M)."""
-    s_pinv_m = (pseudo_inverse(s) if s_pinv is None else s_pinv) @ _f64(m)
-    gain = float((_f64(m) * s_pinv_m).sum())
+def best_update(s: Tensor, m: Tensor, s_pinv: Tensor | None = None, white: Whitening | None = None) -> BestUpdate:
+    """`s_pinv` (S^+) or `white` (a whitening of S) may be given when already known (the same S
+    for several M). With a whitening, S^+ M is computed as W^T (W M), never forming S^+."""
+    m64 = _f64(m)
+    if s_pinv is not None:
+        s_pinv_m = s_pinv @ m64
+    else:
+        w = (whitening(s) if white is None else white).matrix
+        s_pinv_m = w.T @ (w @ m64)
+    gain = float((m64 * s_pinv_m).sum())
     return BestUpdate(delta=-s_pinv_m.T, first_order_gain=max(gain, 0.0))
 
 
