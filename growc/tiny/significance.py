@@ -33,7 +33,7 @@ def significant_neuron_count(
     """Count the leading neurons whose held-out alignment is significant; `mode` as in
     `growc.tiny.statistics.prepare_inputs`. `shared`: inverses of the whole data's second moments,
     used for every fold (the fold's own cross-moments M, P, C keep the test honest; the second
-    moments only set the metric, and sharing them saves 4 eigen-decompositions per site)."""
+    moments only set the metric, and sharing them saves 4 factorizations per site)."""
     folds = acc.folds_prepared(mode) if len(acc.usable_folds()) >= 2 else []
     if not folds or max_neurons <= 0:
         return SignificanceResult(0, [], [])

@@ -15,7 +15,6 @@ from growc.tiny.solver import (
     best_update,
     bottleneck,
     projected_desired_update,
-    pseudo_inverse,
     raw_first_order_gain,
     shrunk_whitening,
     whitening,
@@ -40,16 +39,16 @@ class SiteSolution:
 
 @dataclass(frozen=True)
 class Inverses:
-    """The expensive part of a solve (eigen-decompositions), reusable across folds."""
+    """The expensive part of a solve (the factorizations), reusable across folds."""
 
     whitening: Whitening  # of S'
-    consumer_pinvs: tuple[Tensor, ...]  # S^+ of each consumer
+    consumer_whitenings: tuple[Whitening, ...]  # of each consumer's S: W^T W = S^+
 
 
 def inverses(moments: SiteMoments, ridge: float = 0.0) -> Inverses:
     """`ridge` > 0 shrinks S' before whitening it (see `shrunk_whitening`); 0 is the exact solve."""
     white = shrunk_whitening(moments.s_prev, ridge, moments.has_ones) if ridge > 0 else whitening(moments.s_prev)
-    return Inverses(white, tuple(pseudo_inverse(c.s) for c in moments.consumers))
+    return Inverses(white, tuple(whitening(c.s) for c in moments.consumers))
 
 
 def solve_site(moments: SiteMoments, max_neurons: int | None = None, shared: Inverses | None = None) -> SiteSolution:
@@ -57,8 +56,8 @@ def solve_site(moments: SiteMoments, max_neurons: int | None = None, shared: Inv
     moments are taken from there instead of being recomputed (the significance test solves the
     same site on every fold: the inverses of all the data serve each fold, only M, P and C are
     the fold's)."""
-    pinvs = shared.consumer_pinvs if shared is not None else (None,) * len(moments.consumers)
-    updates = tuple(best_update(c.s, c.m, pinv) for c, pinv in zip(moments.consumers, pinvs))
+    whites = shared.consumer_whitenings if shared is not None else (None,) * len(moments.consumers)
+    updates = tuple(best_update(c.s, c.m, white=w) for c, w in zip(moments.consumers, whites))
     n_matrix = torch.cat([projected_desired_update(c.p, c.c, u) for c, u in zip(moments.consumers, updates)], dim=1)
     return SiteSolution(
         updates=updates,
