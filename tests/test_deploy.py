@@ -23,7 +23,7 @@ from growc.data import digits
 from growc.deploy.export import export_onnx
 from growc.deploy.freeze import freeze, write_standalone
 from growc.deploy.pipeline import export_checkpoint
-from growc.deploy.quantize import QuantizationError, accuracy, float_layers, quantize, run_onnx
+from growc.deploy.quantize import QuantizationError, accuracy, float_layers, quantize, run_onnx, weight_bits
 
 runner = CliRunner()
 HIDDEN = 384  # MLP 64-HIDDEN-HIDDEN-10: enough weights for int8 to pay for its scales
@@ -232,21 +232,6 @@ def digits_checkpoint(tmp_path_factory) -> Path:
     return growc.save_checkpoint(folder / "model.safetensors", growc.trace(train_digits_mlp()), {"report": report})
 
 
-def largest_int8_weight(path: Path) -> int:
-    """The largest |value| of the int8 weight tensors in an ONNX file."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    weights = [
-        numpy_helper.to_array(t).astype(np.int32)
-        for t in model.graph.initializer
-        if t.data_type == onnx.TensorProto.INT8 and int(np.prod(t.dims)) > 16
-    ]
-    assert weights, "the file holds int8 weights"
-    return max(int(np.abs(w).max()) for w in weights)
-
-
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_int8_is_small_and_accurate(digits_checkpoint: Path, tmp_path: Path, mode: str):
     result = export_checkpoint(digits_checkpoint, out=tmp_path, int8=mode, latency_repeats=10)
@@ -261,7 +246,7 @@ def test_int8_is_small_and_accurate(digits_checkpoint: Path, tmp_path: Path, mod
     # 7-bit weights: on x86 CPUs without VNNI onnxruntime's uint8 x int8 kernels sum pairs of
     # products in 16 bits, and 255 * 127 * 2 saturates (this model then lost 1.11 points in both
     # modes under an emulated Haswell CPU); 255 * 64 * 2 does not.
-    assert largest_int8_weight(q.path) <= 64
+    assert q.weight_bits == 7
     x = digits()[1].tensors[0]
     fp32_out, int8_out = run_onnx(tmp_path / "model.onnx", [x]), run_onnx(q.path, [x])
     # Scores within 1.5% of their range (int8 logits, quantized at the output, are 3.5% off).
@@ -275,6 +260,7 @@ def test_int8_is_small_and_accurate(digits_checkpoint: Path, tmp_path: Path, mod
     assert card["multiply_adds_per_sample"] == macs
     assert card["file_bytes"] == q.int8_bytes and card["opset"] == 18
     assert card["float_layers"] == q.float_layers == []  # every layer int8, and the card says so
+    assert card["weight_bits"] == 7
     assert card["growc_version"] == growc.__version__
     assert card["growth"]["neurons_added"] == {"0": 248} and card["growth"]["final_params"] == 85002
     assert "divided by 16" in card["preprocessing"]
@@ -421,3 +407,24 @@ def test_int8_calibration_samples_span_a_label_sorted_training_set():
     _, spread = _take(data, CALIBRATION_SAMPLES, spread=True)
     assert set(first.tolist()) == {0, 1, 2}
     assert set(spread.tolist()) == set(range(10)) and len(spread) == CALIBRATION_SAMPLES
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_weight_bits_reads_what_the_quantizer_wrote(digits_checkpoint: Path, tmp_path: Path, bits: int, monkeypatch):
+    """7-bit weights lie in [-64, 64] (255 * 64 * 2 fits the 16-bit pair sums of CPUs without
+    VNNI); 8-bit ones use the whole int8 range."""
+    import onnx
+    from onnx import numpy_helper
+
+    import growc.deploy.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "WEIGHT_BITS", (bits,))
+    result = export_checkpoint(digits_checkpoint, out=tmp_path, int8="static", latency_repeats=1, standalone=False)
+    model = onnx.load(str(result.int8.path))
+    largest = max(
+        int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and int(np.prod(t.dims)) > 1
+    )
+    assert (largest <= 64) == (bits == 7) and largest >= 63
+    assert weight_bits(result.int8.path) == result.int8.weight_bits == bits

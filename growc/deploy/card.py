@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import growc
-from growc.deploy.quantize import float_layers
+from growc.deploy.quantize import float_layers, weight_bits
 from growc.graph.flops import multiply_adds
 
 
@@ -102,6 +102,7 @@ def write_card(
     kept_float = float_layers(onnx_path)
     if kept_float is not None:  # an int8 file: the layers it keeps in float to stay accurate
         card["float_layers"] = kept_float
+        card["weight_bits"] = weight_bits(onnx_path)  # 7: the same scores on every CPU
     path = card_path(onnx_path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(card, indent=2, default=str) + "\n")

@@ -10,8 +10,9 @@ digits models that rounding was 90% of the int8 error). The int8 file is first w
 temporary path and only renamed into place when its accuracy on the validation data is within
 the tolerance of the fp32 file's; when it is not, the first layer, then the first and the last,
 are kept in float (the most sensitive ones) before giving up, and the result says which.
-Weights are quantized to 7 bits (`REDUCE_RANGE`), so that the file scores the same on CPUs whose
-int8 kernels saturate (x86 without VNNI) as on the machine that checked it.
+Weights are quantized to 7 bits first, so that the file scores the same on CPUs whose int8
+kernels saturate (x86 without VNNI) as on the machine that checked it; 8-bit weights are tried
+next, before any layer is kept in float (the card's `weight_bits` says which was written).
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ MODES = ("none", "dynamic", "static")
 DEFAULT_TOLERANCE = 0.5  # accuracy points
 CALIBRATION_SAMPLES = 512
 CALIBRATION_BATCH = 64
-#: Weights in 7 bits. On x86 CPUs without VNNI (AVX2, and AVX-512 before Cascade Lake),
-#: onnxruntime multiplies uint8 activations by int8 weights with an instruction that saturates
-#: sums of pairs at 16 bits; 7-bit weights keep every pair in range, so the file scores the same
-#: on every CPU (`growc export` checks accuracy on this machine, the device may be another).
-REDUCE_RANGE = True
+#: Weights in 7 bits come first. On x86 CPUs without VNNI (AVX2, and AVX-512 before Cascade
+#: Lake), onnxruntime multiplies uint8 activations by int8 weights with an instruction that
+#: saturates sums of pairs at 16 bits (255 * 127 * 2 > 32767); 7-bit weights keep every pair in
+#: range, so the file scores the same on every CPU (`growc export` checks accuracy on this
+#: machine; the device may be another). 8 bits are more precise, and exact on other CPUs.
+WEIGHT_BITS = (7, 8)
 LAYER_OPS = ("Conv", "Gemm", "MatMul")  # the ops with weights that int8 quantizes
 INT8_LAYER_OPS = ("ConvInteger", "MatMulInteger")  # what dynamic quantization turns them into
 
@@ -57,6 +59,7 @@ class QuantizeResult:
     fp32_bytes: int
     int8_bytes: int
     float_layers: list[str] = field(default_factory=list)  # kept in float to stay within tolerance
+    weight_bits: int | None = None  # 7 or 8 (None: no int8 weights in the file)
 
     @property
     def size_ratio(self) -> float:
@@ -160,19 +163,22 @@ def _name_nodes(src: Path, dst: Path) -> list[tuple[str, str]]:
     return layers
 
 
-def _float_choices(layers: list[tuple[str, str]]) -> list[list[str]]:
-    """Which layers to keep in float, tried in turn: none, the first, the first and the last;
-    never all of them (that file would be the fp32 one under another name)."""
+def _choices(layers: list[tuple[str, str]]) -> list[tuple[int, list[str]]]:
+    """(weight bits, layers kept in float), tried in turn: every layer int8 in 7 bits, then in 8,
+    then the first layer in float, then the first and the last (7 bits); never every layer in
+    float (that file would be the fp32 one under another name)."""
     names = [name for name, _ in layers]
-    choices: list[list[str]] = [[]]
-    for choice in (names[:1], names[:1] + names[-1:]):
-        choice = list(dict.fromkeys(choice))
-        if choice not in choices and len(choice) < len(names):
-            choices.append(choice)
+    choices: list[tuple[int, list[str]]] = [(bits, []) for bits in WEIGHT_BITS]
+    for kept in (names[:1], names[:1] + names[-1:]):
+        kept = list(dict.fromkeys(kept))
+        if (WEIGHT_BITS[0], kept) not in choices and len(kept) < len(names):
+            choices.append((WEIGHT_BITS[0], kept))
     return choices
 
 
-def _quantize_to(source: Path, out: Path, mode: str, calibration: Sequence[np.ndarray], keep_float: list[str]) -> None:
+def _quantize_to(
+    source: Path, out: Path, mode: str, calibration: Sequence[np.ndarray], keep_float: list[str], bits: int
+) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if mode == "dynamic":
@@ -183,17 +189,19 @@ def _quantize_to(source: Path, out: Path, mode: str, calibration: Sequence[np.nd
             str(out),
             weight_type=QuantType.QInt8,
             per_channel=True,
-            reduce_range=REDUCE_RANGE,
+            reduce_range=bits == 7,
             nodes_to_exclude=excluded,
         )
     else:
-        _quantize_static(source, out, calibration, keep_float)
+        _quantize_static(source, out, calibration, keep_float, bits)
         _float_outputs(out)
     # The quantizer's names, metadata and zero bias zero-points are a third of a small int8 file.
     compact_file(out)
 
 
-def _quantize_static(source: Path, out: Path, calibration: Sequence[np.ndarray], keep_float: list[str]) -> None:
+def _quantize_static(
+    source: Path, out: Path, calibration: Sequence[np.ndarray], keep_float: list[str], bits: int
+) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     names = [i.name for i in _session(source).get_inputs()]
@@ -204,7 +212,7 @@ def _quantize_static(source: Path, out: Path, calibration: Sequence[np.ndarray],
         reader,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
-        reduce_range=REDUCE_RANGE,
+        reduce_range=bits == 7,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=keep_float,
@@ -262,6 +270,23 @@ def float_layers(path: str | Path) -> list[str] | None:
     return kept if len(kept) < len(layers) else None
 
 
+def weight_bits(path: str | Path) -> int | None:
+    """7 when every int8 weight tensor of the ONNX file lies within [-64, 64] (what 7-bit
+    quantization writes), 8 otherwise; None when it holds no int8 weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    largest = [
+        int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and int(np.prod(t.dims)) > 1
+    ]
+    if not largest:
+        return None
+    return 7 if max(largest) <= 64 else 8
+
+
 def _points_lost(fp32_acc: float | None, int8_acc: float | None) -> float:
     if fp32_acc is None or int8_acc is None:
         return 0.0
@@ -274,12 +299,14 @@ def _attempt(
     mode: str,
     calibration: Sequence[np.ndarray],
     keep_float: list[str],
+    bits: int,
     val_inputs: Sequence[Tensor],
 ) -> np.ndarray:
-    """Quantize `source` to `tmp` keeping `keep_float` in float; its outputs on `val_inputs`."""
+    """Quantize `source` to `tmp` with `bits`-bit weights, keeping `keep_float` in float; its
+    outputs on `val_inputs`."""
     try:
         with _quiet():
-            _quantize_to(source, tmp, mode, calibration, keep_float)
+            _quantize_to(source, tmp, mode, calibration, keep_float, bits)
         return run_onnx(tmp, val_inputs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -314,9 +341,9 @@ def quantize(
             source = _preprocess(fp32_path, work / "pre.onnx")
         layers = _name_nodes(source, work / "named.onnx")
         tried, keep_float = [], []
-        for keep_float in _float_choices(layers):
+        for bits, keep_float in _choices(layers):
             int8_acc = accuracy(
-                _attempt(work / "named.onnx", tmp, mode, calibration, keep_float, val_inputs), val_labels
+                _attempt(work / "named.onnx", tmp, mode, calibration, keep_float, bits, val_inputs), val_labels
             )
             tried.append(int8_acc)
             if _points_lost(fp32_acc, int8_acc) <= tolerance:
@@ -332,6 +359,7 @@ def quantize(
                 "try the other --int8 mode or a larger --int8-tolerance"
             )
         kept_float = float_layers(tmp) or []
+        written_bits = weight_bits(tmp)
         os.replace(tmp, int8_path)
     return QuantizeResult(
         path=int8_path,
@@ -341,4 +369,5 @@ def quantize(
         fp32_bytes=fp32_path.stat().st_size,
         int8_bytes=int8_path.stat().st_size,
         float_layers=kept_float,
+        weight_bits=written_bits,
     )
