@@ -66,6 +66,9 @@ class RichObserver:
         if self.quiet:
             return
         console.print(step_table(record, console.width))
+        for g in record.grown:  # a site whose significant neurons did not all go in says why
+            if g.reason:
+                console.print(f"[dim]{g.site}[/]: {g.reason}", highlight=False)
         if record.note:
             console.print(f"[yellow]{record.note}[/]")
 

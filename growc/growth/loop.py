@@ -24,7 +24,13 @@ from growc.growth.config import GrowthConfig
 from growc.growth.report import FINISHED, GrowthReport, StepRecord
 from growc.growth.run_state import RunState, restore_optimizer, restore_random_states
 from growc.growth.run_state import pack as run_state_pack
-from growc.growth.step import LineSearchBatch, allocate, assess_sites, grow_allocated
+from growc.growth.step import (
+    LineSearchBatch,
+    allocate_with_reasons,
+    assess_sites,
+    grow_allocated,
+    not_allocated_records,
+)
 from growc.growth.train import LossFn, evaluate, make_optimizer, split_batch, train_epoch
 from growc.tiny.strategies import make_strategy
 
@@ -375,19 +381,21 @@ def _growth_step(
     record.seconds["solve"] = time.perf_counter() - start
     record.bottlenecks = {a.site.name: a.summary() for a in assessments}
     budget = None if config.max_params is None else config.max_params - params
-    counts = allocate(assessments, budget)
+    counts, not_given = allocate_with_reasons(assessments, budget)
     start = time.perf_counter()
     grown, undos, blocks = grow_allocated(
         graph, assessments, counts, strategy, [optimizer], search_batch, config, generator
     )
     record.grown.extend(grown)
+    record.grown.extend(not_allocated_records(assessments, not_given))
     after = search_batch.loss(graph) if undos else 0.0
     if not math.isfinite(after):
         # Each site's amplitude was safe on its own; together they broke the loss: take it all back.
         for undo in reversed(undos):
             undo()
         for g in record.grown:
-            g.neurons = 0
+            if g.neurons:
+                g.neurons, g.reason = 0, "rolled back with the whole step (the loss became non-finite)"
         blocks = False
         record.note = f"growth rolled back: the loss became {after} after this step's changes"
     record.seconds["line_search"] = time.perf_counter() - start

@@ -19,6 +19,7 @@ class SiteGrowthRecord:
     gamma: float  # amplitude of the new neurons (1 = typical existing neuron)
     update_fraction: float  # size of the best update applied to the consumers' weights
     significant: int  # neurons that passed the significance test
+    reason: str | None = None  # why fewer neurons were added than passed the test (None: as many)
 
 
 @dataclass

@@ -107,21 +107,44 @@ def _finite(moments: SiteMoments) -> bool:
 def allocate(assessments: list[SiteAssessment], budget: int | None) -> dict[str, int]:
     """Greedy by gain per parameter across all sites: several sites can grow in one step, and the
     parameter budget goes where each parameter buys the most first-order loss decrease."""
+    return allocate_with_reasons(assessments, budget)[0]
+
+
+def allocate_with_reasons(
+    assessments: list[SiteAssessment], budget: int | None
+) -> tuple[dict[str, int], dict[str, str]]:
+    """`allocate`, and for each site that had significant neurons and was given none, why."""
     items = [(a.value(k), a) for a in assessments for k in range(a.significant)]
     items.sort(key=lambda item: -item[0])
     counts: dict[str, int] = {}
     chosen: list[Site] = []
+    reasons: dict[str, str] = {}
     spent = 0
     for _, a in items:
         if budget is not None and spent + a.cost > budget:
-            continue
-        if a.site.name not in counts and any(_conflict(a.site, other) for other in chosen):
+            reasons.setdefault(
+                a.site.name,
+                f"over the parameter budget: a neuron costs {a.cost:,} parameters and {max(budget - spent, 0):,} are left",
+            )
             continue
         if a.site.name not in counts:
+            other = next((o for o in chosen if _conflict(a.site, o)), None)
+            if other is not None:
+                reasons.setdefault(
+                    a.site.name,
+                    f"'{other.name}' grows in this step and one of the two puts units between a layer's old "
+                    "inputs (a concatenation): it can grow next step",
+                )
+                continue
             chosen.append(a.site)
         counts[a.site.name] = counts.get(a.site.name, 0) + 1
         spent += a.cost
-    return counts
+    return counts, {name: why for name, why in reasons.items() if name not in counts}
+
+
+def not_allocated_records(assessments: list[SiteAssessment], reasons: dict[str, str]) -> list[SiteGrowthRecord]:
+    """A record for each site that had significant neurons and was given none, with the reason."""
+    return [_no_growth(a, 0.0, 0.0, 0.0, None, reasons[a.site.name])[0] for a in assessments if a.site.name in reasons]
 
 
 def _conflict(a: Site, b: Site) -> bool:
@@ -325,14 +348,22 @@ def grow_site(
         fraction, predicted, restore_update = _apply_best_update(model, a, batch)
 
     neurons = strategy.propose(a.solution, a.moments, count, generator)
+    reason = None  # why fewer neurons than asked went in, when that happens
     if is_kinked(a.site) and not getattr(strategy, "function_preserving", False):
         rows = [u.delta.shape[0] for u in a.solution.updates]
         gains = signed_gains(
             model, a.site, neurons, a.mode, a.input_mean, rows, batch.inputs, batch.target, batch.loss_fn
         )
+        proposed = neurons.count
         neurons = choose_signs(gains, neurons)
+        if neurons.count < proposed:
+            reason = (
+                f"the sign test kept {neurons.count} of {proposed} neurons: under the kink at 0 neither sign "
+                "of the others lowered the line-search loss"
+            )
     if neurons.count == 0:
-        return _no_growth(a, loss_before - batch.loss(model), predicted, fraction, restore_update)
+        reason = reason or f"the strategy proposed no neuron ({count} asked)"
+        return _no_growth(a, loss_before - batch.loss(model), predicted, fraction, restore_update, reason)
     dtype = next(model.parameters()).dtype
     units, scale = new_units(a, neurons, dtype)
     if depth:
@@ -351,11 +382,19 @@ def grow_site(
             growth.set_amplitude(g)
             return batch.loss(model)
 
-        gamma, _, _ = line_search(loss_at, NEURON_AMPLITUDES)
+        gamma, _, losses = line_search(loss_at, NEURON_AMPLITUDES)
     added = neurons.count
     if gamma == 0.0:
         growth.undo()
         added = 0
+        tried = [g for g in losses if g > 0]
+        best = min(tried, key=lambda g: losses[g]) if tried else None
+        reason = (
+            f"the line search kept amplitude 0: every amplitude tried raised the line-search loss "
+            f"(the least, {best:g}, gave {losses[best]:.4g} against {losses[0.0]:.4g} at 0)"
+            if best is not None and 0.0 in losses
+            else "the line search kept amplitude 0"
+        )
     else:
         growth.set_amplitude(gamma)
         carry_optimizer_state(optimizers, growth.parameter_swaps)
@@ -372,6 +411,7 @@ def grow_site(
         gamma=gamma,
         update_fraction=fraction,
         significant=a.significant,
+        reason=reason,
     )
 
     def undo() -> None:
@@ -406,7 +446,11 @@ def grow_allocated(
     records, undos, blocks = [], [], False
     order = sorted(assessments, key=lambda a: (isinstance(a.site, DepthSite), -a.value(0) if a.significant else 0.0))
     for a in order:
-        if counts.get(a.site.name, 0) == 0 or (isinstance(a.site, DepthSite) and a.site.consumer in widened):
+        if counts.get(a.site.name, 0) == 0:
+            continue
+        if isinstance(a.site, DepthSite) and a.site.consumer in widened:
+            reason = f"the width of '{a.site.consumer}' changed in this step: a block there waits a step"
+            records.append(_no_growth(a, 0.0, 0.0, 0.0, None, reason)[0])
             continue
         record, undo = grow_site(model, a, counts[a.site.name], strategy, optimizers, batch, config, generator)
         records.append(record)
@@ -417,7 +461,9 @@ def grow_allocated(
     return records, undos, blocks
 
 
-def _no_growth(a: SiteAssessment, observed: float, predicted: float, fraction: float, restore_update) -> tuple:
+def _no_growth(
+    a: SiteAssessment, observed: float, predicted: float, fraction: float, restore_update, reason: str | None = None
+) -> tuple:
     record = SiteGrowthRecord(
         site=a.site.name,
         neurons=0,
@@ -426,6 +472,7 @@ def _no_growth(a: SiteAssessment, observed: float, predicted: float, fraction: f
         gamma=0.0,
         update_fraction=fraction,
         significant=a.significant,
+        reason=reason,
     )
     return record, (restore_update or (lambda: None))
 

@@ -27,7 +27,14 @@ from growc.graph.trace import parameter_count, trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
 from growc.growth.report import SiteGrowthRecord
-from growc.growth.step import LineSearchBatch, SiteAssessment, allocate, assess_sites, grow_allocated
+from growc.growth.step import (
+    LineSearchBatch,
+    SiteAssessment,
+    allocate_with_reasons,
+    assess_sites,
+    grow_allocated,
+    not_allocated_records,
+)
 from growc.growth.train import LossFn, modes_kept, split_batch
 from growc.tiny.strategies import make_strategy
 
@@ -111,11 +118,12 @@ class Grower:
         if not self.assessments or self._batch is None:
             raise GrowcError("measure the sites first: grower.measure(loader)")
         assessments = list(self.assessments.values())
+        not_given: dict[str, str] = {}
         if site is None:
             budget = None
             if self.config.max_params is not None:
                 budget = self.config.max_params - parameter_count(self.model)
-            counts = allocate(assessments, budget)
+            counts, not_given = allocate_with_reasons(assessments, budget)
         elif site not in self.assessments:
             raise GrowcError(f"no measured site '{site}': choose one of {', '.join(self.assessments)}")
         else:
@@ -132,6 +140,7 @@ class Grower:
             self.config,
             self._generator,
         )
+        records += not_allocated_records(assessments, not_given)
         self.assessments = {}
         if blocks:
             self._find_sites()  # a new block: its hidden layer is a site, its output an edge
