@@ -39,13 +39,17 @@ def test_sites_left_out_by_the_budget_say_so(measured):
     cheapest = min(a.cost for a in assessments)
     counts, reasons = allocate_with_reasons(assessments, cheapest - 1)
     assert counts == {}
-    records = not_allocated_records(assessments, reasons)
+    records = not_allocated_records(assessments, reasons, [])
     assert {r.site for r in records} == {a.site.name for a in assessments}
     for r in records:
         assert r.neurons == 0 and r.significant > 0
         assert "parameter budget" in r.reason and f"{cheapest - 1:,} are left" in r.reason
     counts, reasons = allocate_with_reasons(assessments, None)
     assert sum(counts.values()) == sum(a.significant for a in assessments) and reasons == {}
+    # A budget for one neuron: the other significant neurons say why they did not go in.
+    counts, reasons = allocate_with_reasons(assessments, cheapest)
+    assert sum(counts.values()) == 1
+    assert set(reasons) == {a.site.name for a in assessments if counts.get(a.site.name, 0) < a.significant}
 
 
 def test_a_line_search_that_keeps_zero_says_what_it_tried(measured, monkeypatch):

@@ -387,7 +387,7 @@ def _growth_step(
         graph, assessments, counts, strategy, [optimizer], search_batch, config, generator
     )
     record.grown.extend(grown)
-    record.grown.extend(not_allocated_records(assessments, not_given))
+    record.grown.extend(not_allocated_records(assessments, not_given, grown))
     after = search_batch.loss(graph) if undos else 0.0
     if not math.isfinite(after):
         # Each site's amplitude was safe on its own; together they broke the loss: take it all back.

@@ -113,7 +113,7 @@ def allocate(assessments: list[SiteAssessment], budget: int | None) -> dict[str,
 def allocate_with_reasons(
     assessments: list[SiteAssessment], budget: int | None
 ) -> tuple[dict[str, int], dict[str, str]]:
-    """`allocate`, and for each site that had significant neurons and was given none, why."""
+    """`allocate`, and for each site given fewer neurons than passed its test, why."""
     items = [(a.value(k), a) for a in assessments for k in range(a.significant)]
     items.sort(key=lambda item: -item[0])
     counts: dict[str, int] = {}
@@ -139,12 +139,23 @@ def allocate_with_reasons(
             chosen.append(a.site)
         counts[a.site.name] = counts.get(a.site.name, 0) + 1
         spent += a.cost
-    return counts, {name: why for name, why in reasons.items() if name not in counts}
+    return counts, reasons
 
 
-def not_allocated_records(assessments: list[SiteAssessment], reasons: dict[str, str]) -> list[SiteGrowthRecord]:
-    """A record for each site that had significant neurons and was given none, with the reason."""
-    return [_no_growth(a, 0.0, 0.0, 0.0, None, reasons[a.site.name])[0] for a in assessments if a.site.name in reasons]
+def not_allocated_records(
+    assessments: list[SiteAssessment], reasons: dict[str, str], grown: list[SiteGrowthRecord]
+) -> list[SiteGrowthRecord]:
+    """A record, with the reason, for each site that had significant neurons and was given none;
+    the sites of `grown` that were given fewer than significant get the reason too."""
+    for record in grown:
+        if record.reason is None and record.site in reasons and record.neurons < record.significant:
+            record.reason = reasons[record.site]
+    given = {record.site for record in grown}
+    return [
+        _no_growth(a, 0.0, 0.0, 0.0, None, reasons[a.site.name])[0]
+        for a in assessments
+        if a.site.name in reasons and a.site.name not in given
+    ]
 
 
 def _conflict(a: Site, b: Site) -> bool:

@@ -140,7 +140,7 @@ class Grower:
             self.config,
             self._generator,
         )
-        records += not_allocated_records(assessments, not_given)
+        records += not_allocated_records(assessments, not_given, records)
         self.assessments = {}
         if blocks:
             self._find_sites()  # a new block: its hidden layer is a site, its output an edge
