@@ -81,3 +81,21 @@ def test_a_site_that_grows_as_asked_gives_no_reason(measured):
     )
     undo()
     assert (record.neurons == a.significant) == (record.reason is None), record
+
+
+def test_the_significance_numbers_are_reported_and_name_what_stopped_the_run(measured):
+    from growc.growth.loop import _last_tests
+    from growc.growth.report import StepRecord
+
+    _, assessments, _ = measured
+    bottlenecks = {}
+    for a in assessments:
+        summary = a.summary()
+        mean, error, z = summary["held_out_alignment"], summary["held_out_std_error"], summary["z"]
+        assert z == GrowthConfig().significance_z
+        assert (mean > z * error and mean > 0) == (a.significant > 0)  # the numbers are the test's
+        bottlenecks[a.site.name] = summary
+    record = StepRecord(step=0, params=0, train_loss=0.0, val_loss=0.0, val_accuracy=None, widths={}, bottlenecks=bottlenecks)
+    text = _last_tests(record)
+    for name, s in bottlenecks.items():
+        assert f"{name}: first neuron's held-out alignment {s['held_out_alignment']:.3g}" in text

@@ -435,5 +435,19 @@ def _stop_reason(
     if config.time_budget is not None and state.elapsed + session_seconds >= config.time_budget:
         return f"used the time budget ({config.time_budget:g} s)"
     if state.barren >= config.patience:
-        return f"no site had a significant gain for {state.barren} steps in a row"
+        return f"no site had a significant gain for {state.barren} steps in a row ({_last_tests(record)})"
     return ""
+
+
+def _last_tests(record: StepRecord) -> str:
+    """The significance test's numbers at each site in the last step: what stopped the run."""
+    parts = []
+    for site, b in record.bottlenecks.items():
+        if "held_out_alignment" in b:
+            parts.append(
+                f"{site}: first neuron's held-out alignment {b['held_out_alignment']:.3g} against "
+                f"{b['z']:g} x its standard error {b['held_out_std_error']:.3g}, relative bottleneck {b['relative']:.3g}"
+            )
+        else:
+            parts.append(f"{site}: too few statistics folds for the test")
+    return "; ".join(parts) or "no site was measured"

@@ -30,7 +30,7 @@ class StepRecord:
     val_loss: float
     val_accuracy: float | None
     widths: dict[str, int]
-    bottlenecks: dict[str, dict[str, float]]  # site -> bottleneck, relative, best lambda^2
+    bottlenecks: dict[str, dict[str, float]]  # site -> bottleneck, relative, best lambda^2, the test's numbers
     grown: list[SiteGrowthRecord] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # train, statistics, solve, line_search
     params_after: int | None = None

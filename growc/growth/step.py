@@ -41,6 +41,9 @@ class SiteAssessment:
     input_mean: torch.Tensor  # E[b'], for the running mean of new BatchNorm entries
     # Per geometry of the attached readers the units reach: (readers, their moments).
     reached: list[tuple[tuple[str, ...], SiteMoments]] = field(default_factory=list)
+    # The significance test of the first neuron: its held-out alignment (mean over the folds),
+    # that mean's standard error, and the z it had to clear (mean > z * std_error).
+    test: tuple[float, float, float] | None = None
 
     def summary(self) -> dict[str, float | int]:
         """What the method says about the site, in numbers: its expressivity bottleneck (absolute
@@ -51,6 +54,11 @@ class SiteAssessment:
             "relative": self.solution.relative_bottleneck,
             "best_gain": float(self.solution.neurons.lambdas[0] ** 2) if self.solution.neurons.count else 0.0,
             "significant": self.significant,
+            **(
+                {"held_out_alignment": self.test[0], "held_out_std_error": self.test[1], "z": self.test[2]}
+                if self.test is not None
+                else {}
+            ),
         }
 
     def value(self, k: int) -> float:
@@ -94,6 +102,11 @@ def assess_sites(
                 column_rms=_column_scale(model, site, moments),
                 input_mean=input_mean(raw)[0],
                 reached=reached,
+                test=(
+                    (significance.mean_gain[0], significance.std_error[0], config.significance_z)
+                    if significance.mean_gain
+                    else None
+                ),
             )
         )
     return out
