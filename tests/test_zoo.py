@@ -167,7 +167,7 @@ def test_zoo_growth_with_real_neurons_lowers_the_training_loss(cls):
             collector.accumulate(32)
     batch = LineSearchBatch(x, y, F.cross_entropy)
     config = GrowthConfig(update_existing=False)  # the neurons alone, not the consumers' update
-    graph.eval()  # the outputs compared below must not move BatchNorm's running statistics
+    graph.eval(), model.eval()  # compared below in one mode; eval moves no BatchNorm statistics
     before = batch.loss(graph)
     gains = {}
     for a in assess_sites(graph, sites, collector.accumulators, config):

@@ -242,6 +242,18 @@ class ConvBNAct(nn.Module):
         return self.head(F.relu(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
 
 
+class RootDropout(nn.Module):
+    """Dropout called as a function in the model's own forward, with `training=self.training`
+    (on the scores: their width is fixed, so a grown model draws the same mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return F.dropout(self.b(torch.relu(self.a(x))), 0.3, self.training)
+
+
 class AttentionBlock(nn.Module):
     """A transformer block: LayerNorm, multi-head attention added to the stream, an MLP."""
 
@@ -279,6 +291,7 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         StochasticDepth: [(2, 8, 8)],
         ConvBNAct: [(2, 8, 8)],
         AttentionBlock: [(4, 6)],
+        RootDropout: [(12,)],
     }[type(model)]
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
@@ -299,4 +312,5 @@ ZOO = [
     StochasticDepth,
     ConvBNAct,
     AttentionBlock,
+    RootDropout,
 ]

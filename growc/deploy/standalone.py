@@ -21,6 +21,7 @@ from torch import Tensor, fx
 import growc
 from growc.deploy.parity import compare
 from growc.errors import CheckpointError, ExportError
+from growc.graph.modes import is_mode_flag
 from growc.graph.serialize import module_spec
 
 MODEL_FILE = "model.py"
@@ -150,7 +151,7 @@ def generate(gm: fx.GraphModule, class_name: str = "GrownModel") -> tuple[str, d
         lines.append(f"        _attach(self, {path!r}, nn.{spec['type']}({kwargs}))")
         tensors.update({f"{path}.{k}": v for k, v in module.state_dict().items()})
     for node in gm.graph.nodes:
-        if node.op != "get_attr":
+        if node.op != "get_attr" or is_mode_flag(node):  # the generated module has its own `training`
             continue
         path = str(node.target)
         if any(path.startswith(m + ".") for m in modules):

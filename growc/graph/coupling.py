@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from growc.graph.elementwise import activation_name, elementwise_slope
 from growc.graph.handlers import handler_for, is_depthwise
+from growc.graph.modes import is_mode_flag
 from growc.graph.trace import module_of
 
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -180,7 +181,7 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     flat = []
     for a in args:
         flat += [x for x in a if isinstance(x, fx.Node)] if isinstance(a, (list, tuple)) else [a]
-    return [a for a in flat if isinstance(a, fx.Node)]
+    return [a for a in flat if isinstance(a, fx.Node) and not is_mode_flag(a)]
 
 
 def _is_size_of(arg: fx.Node, node: fx.Node) -> bool:

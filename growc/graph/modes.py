@@ -25,6 +25,14 @@ from torch import fx, nn
 
 from growc.errors import TraceError
 
+#: The graph's own attribute a root-level `self.training` read becomes (every nn.Module has it).
+MODE_FLAG = "training"
+
+
+def is_mode_flag(node: fx.Node) -> bool:
+    """A read of the graph's mode: a flag, not a tensor (no units flow through it, nothing to save)."""
+    return node.op == "get_attr" and node.target == MODE_FLAG
+
 
 @contextmanager
 def modules_in_mode(model: nn.Module, training: bool) -> Iterator[None]:
@@ -42,7 +50,9 @@ def modules_in_mode(model: nn.Module, training: bool) -> Iterator[None]:
 class Difference:
     owner: str | None  # the innermost submodule whose forward made the differing node; None: the root
     node: fx.Node  # the node of the training graph where the graphs part
-    flags: tuple[int, ...] = ()  # positional arguments that are True in training, False in eval, if only those
+    # The arguments (positions, or keyword names) that are True in training and False in eval,
+    # when the nodes differ in nothing else.
+    flags: tuple[int | str, ...] = ()
 
 
 def _owner(node: fx.Node | None) -> str | None:
@@ -53,40 +63,35 @@ def _owner(node: fx.Node | None) -> str | None:
     return path or None
 
 
+def _encode(value: Any) -> Any:
+    """An argument as something comparable across the two graphs (nodes by name)."""
+    if isinstance(value, fx.Node):
+        return ("node", value.name)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_encode(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _encode(v)) for k, v in value.items()))
+    return ("value", type(value).__name__, repr(value))
+
+
 def _signature(node: fx.Node) -> tuple:
-    def encode(value: Any) -> Any:
-        if isinstance(value, fx.Node):
-            return ("node", value.name)
-        if isinstance(value, (list, tuple)):
-            return (type(value).__name__, tuple(encode(v) for v in value))
-        if isinstance(value, dict):
-            return ("dict", tuple((k, encode(v)) for k, v in value.items()))
-        return ("value", type(value).__name__, repr(value))
-
-    return node.op, str(node.target), encode(node.args), encode(node.kwargs)
+    return node.op, str(node.target), _encode(node.args), _encode(node.kwargs)
 
 
-def _flag_positions(train_node: fx.Node, eval_node: fx.Node) -> tuple[int, ...] | None:
-    """The positional arguments that are True in one node and False in the other, when the nodes
-    differ in nothing else; None otherwise."""
+def _flag_positions(train_node: fx.Node, eval_node: fx.Node) -> tuple[int | str, ...] | None:
+    """The arguments (positions or keywords) that are True in one node and False in the other,
+    when the nodes differ in nothing else; None otherwise."""
     a, b = train_node, eval_node
     if (a.op, a.target, len(a.args), a.kwargs.keys()) != (b.op, b.target, len(b.args), b.kwargs.keys()):
         return None
+    pairs = [*((i, x, y) for i, (x, y) in enumerate(zip(a.args, b.args))), *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
     flags = []
-    for i, (x, y) in enumerate(zip(a.args, b.args)):
+    for key, x, y in pairs:
         if x is True and y is False:
-            flags.append(i)
-        elif _signature_of_value(x) != _signature_of_value(y):
+            flags.append(key)
+        elif _encode(x) != _encode(y):
             return None
-    if any(_signature_of_value(a.kwargs[k]) != _signature_of_value(b.kwargs[k]) for k in a.kwargs):
-        return None  # a flag passed by keyword is left to the leaf rule (owner) or the error
     return tuple(flags) or None
-
-
-def _signature_of_value(value: Any) -> Any:
-    if isinstance(value, fx.Node):
-        return ("node", value.name)
-    return ("value", type(value).__name__, repr(value))
 
 
 def differences(train_graph: fx.Graph, eval_graph: fx.Graph) -> list[Difference]:
@@ -141,6 +146,7 @@ def _read_mode_flags(graph: fx.Graph, found: list[Difference]) -> None:
         return
     first = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(first):
-        flag = graph.get_attr("training")
+        flag = graph.get_attr(MODE_FLAG)
     for d in found:
         d.node.args = tuple(flag if i in d.flags else a for i, a in enumerate(d.node.args))
+        d.node.kwargs = {k: flag if k in d.flags else v for k, v in d.node.kwargs.items()}

@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from growc.errors import CheckpointError
+from growc.graph.modes import is_mode_flag
 
 _NAMESPACES = {"torch", "torch.nn.functional", "torch.functional", "operator", "_operator", "math", "builtins"}
 _BUILTINS = {"getattr", "len", "int", "float"}
@@ -142,7 +143,7 @@ def architecture(gm: fx.GraphModule) -> dict:
             modules[str(target)] = module_spec(gm.get_submodule(str(target)))
         elif node.op == "call_function":
             target = _function_name(target)
-        elif node.op == "get_attr":
+        elif node.op == "get_attr" and not is_mode_flag(node):  # the mode flag is every module's own
             attrs.append(str(target))
         nodes.append(
             {

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from growc.errors import TraceError
 from growc.graph.handlers import add_mirror, owner_of
-from growc.graph.modes import mode_faithful_graph
+from growc.graph.modes import is_mode_flag, mode_faithful_graph
 
 
 class GrowcTracer(fx.Tracer):
@@ -99,7 +99,7 @@ def _mirror_copied_attributes(gm: fx.GraphModule, model: nn.Module) -> None:
     """The graph holds its own reference to each tensor read by get_attr whose owner it did not
     share with the user's model (the root's, typically): growth there must reach the user's."""
     for node in gm.graph.nodes:
-        if node.op != "get_attr":
+        if node.op != "get_attr" or is_mode_flag(node):
             continue
         mine, attr = owner_of(gm, str(node.target))
         try:
