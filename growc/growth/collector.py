@@ -1,9 +1,9 @@
-"""Gathers every site's moments with hooks during ordinary training batches.
+"""Gathers every site's moments with hooks on forward and backward passes.
 
 Forward hooks keep each involved layer's input, a tensor hook on each consumer's output keeps
-the gradient that backpropagation computes anyway; after `loss.backward()` the training loop calls
-`accumulate`, which turns them into moments (a few matrix products) and drops the tensors. No
-extra forward or backward pass is run.
+the gradient that backpropagation computes; after the backward pass the caller (the measurement
+pass, `growc.growth.measure`) calls `accumulate`, which turns them into moments (a few matrix
+products) and drops the tensors.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class StatisticsCollector:
         self._edge_names = {s.consumer for s in self._depth}  # layers whose input gradient is kept
         self._names = {s.producer for s in self._width} | self._consumer_names | self._edge_names
         self._input_grads: dict[str, Tensor] = {}
+        self._targets: list[Tensor] = []  # the tensors whose gradients the hooks read
         # A conv site has a row per output position; past `rows_per_sample` per sample a random
         # subset of positions is kept (the moments are means over rows: still unbiased), which
         # bounds the cost of a step by the number of samples, not the feature maps' size.
@@ -105,9 +106,7 @@ class StatisticsCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._inputs.clear()
-        self._grads.clear()
-        self._input_grads.clear()
+        self._clear()
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -116,10 +115,23 @@ class StatisticsCollector:
             self._inputs[name] = inputs[0].detach()
             if name in self._consumer_names:
                 output.register_hook(lambda g: self._grads.__setitem__(name, g.detach()))
+                self._targets.append(output)
             if name in self._edge_names and inputs[0].requires_grad:
                 inputs[0].register_hook(lambda g: self._input_grads.__setitem__(name, g.detach()))
+                self._targets.append(inputs[0])
 
         return hook
+
+    def gradient_targets(self) -> list[Tensor]:
+        """The tensors of the last forward pass whose gradients the hooks read: a backward pass
+        to these alone feeds `accumulate`."""
+        return list(self._targets)
+
+    def _clear(self) -> None:
+        self._inputs.clear()
+        self._grads.clear()
+        self._input_grads.clear()
+        self._targets.clear()
 
     def accumulate(self, batch_size: int) -> None:
         """Turn the batch just back-propagated into moments.
@@ -128,9 +140,7 @@ class StatisticsCollector:
         the method wants each sample's gradient of its own loss.
         """
         if self.full or not self._inputs:
-            self._inputs.clear()
-            self._grads.clear()
-            self._input_grads.clear()
+            self._clear()
             return
         grads = {**self._grads, **{f"input:{k}": v for k, v in self._input_grads.items()}}
         for site in self._width:
@@ -146,6 +156,4 @@ class StatisticsCollector:
                 x, g = self._inputs[site.consumer], self._input_grads[site.consumer]
                 self._update(site.name, *depth_rows(site, x, g, batch_size), batch_size)
         self._seen += batch_size
-        self._inputs.clear()
-        self._grads.clear()
-        self._input_grads.clear()
+        self._clear()

@@ -21,6 +21,7 @@ from growc.growth import distributed
 from growc.growth.checkpoint import load_with_state, save_checkpoint
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
+from growc.growth.measure import measure
 from growc.growth.report import FINISHED, GrowthReport, StepRecord
 from growc.growth.run_state import RunState, restore_optimizer, restore_random_states
 from growc.growth.run_state import pack as run_state_pack
@@ -73,57 +74,24 @@ def _train_one_epoch(
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    config: GrowthConfig,
     observer: Observer,
     step: int,
     epoch: int,
     epochs: int,
-    collector: StatisticsCollector | None,
     seconds: dict[str, float],
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
 ) -> float:
-    """One training epoch; with a collector, its last batches also feed the growth statistics."""
     batches = len(loader) if hasattr(loader, "__len__") else 0
-    # Statistics come from the last batches before the growth step: the freshest weights.
-    batch_size = loader_batch_size(loader)
-    first_stat_batch = 0 if batch_size is None else stat_window_start(batches, batch_size, config.stat_samples)
     observer.epoch_start(step, epoch, epochs, batches)
 
     def after_backward(index: int, size: int) -> None:
-        nonlocal first_stat_batch
-        if index == 0 and batch_size is None:  # a batch sampler or a plain iterable: the first batch says
-            first_stat_batch = stat_window_start(batches, size, config.stat_samples)
-        if collector is not None and index >= first_stat_batch:
-            start = time.perf_counter()
-            collector.accumulate(size)
-            seconds["statistics"] += time.perf_counter() - start
         observer.batch_end()
 
     start = time.perf_counter()
-    if collector is not None:
-        with collector:
-            loss = train_epoch(model, loader, loss_fn, optimizer, device, after_backward, scheduler)
-    else:
-        loss = train_epoch(model, loader, loss_fn, optimizer, device, after_backward, scheduler)
+    loss = train_epoch(model, loader, loss_fn, optimizer, device, after_backward, scheduler)
     seconds["train"] += time.perf_counter() - start
     observer.epoch_end(step, epoch, loss)
     return loss
-
-
-def loader_batch_size(loader: Iterable) -> int | None:
-    """The batch size `loader` declares (a DataLoader's, or its batch sampler's); None when it
-    declares none, and only its batches can tell."""
-    for owner in (loader, getattr(loader, "batch_sampler", None)):
-        size = getattr(owner, "batch_size", None)
-        if isinstance(size, int) and size > 0:
-            return size
-    return None
-
-
-def stat_window_start(batches: int, batch_size: int, stat_samples: int) -> int:
-    """Index of the first of an epoch's last batches that hold `stat_samples` samples (0 when the
-    epoch has fewer, or when its length is unknown: `batches` 0)."""
-    return max(0, batches - math.ceil(stat_samples / batch_size))
 
 
 def widths(model: nn.Module, sites: list) -> dict[str, int]:
@@ -223,23 +191,36 @@ def grow(
     while not state.finished:
         step = state.step
         seconds = {"train": 0.0, "statistics": 0.0, "solve": 0.0, "line_search": 0.0}
-        collector = StatisticsCollector(
-            graph, sites, config.folds, config.stat_samples, config.stat_rows_per_sample, config.seed + state.step
-        )
-        train_loss = _train_phase(
-            replicas.module(),
-            train_loader,
-            val_loader,
-            loss_fn,
-            optimizer,
-            device,
-            config,
-            observer,
-            step,
-            state.final,
-            collector,
-            seconds,
-        )
+        # Step 0 measures the model as it comes: no training first. A network at its random
+        # start has strong, clean gradients to grow from, and a layer of one ReLU unit can die in
+        # its first epoch of training, leaving nothing to measure.
+        train_loss, epochs = math.nan, 0
+        if step > 0 or state.final:
+            train_loss, epochs = _train_phase(
+                replicas.module(),
+                train_loader,
+                val_loader,
+                loss_fn,
+                optimizer,
+                device,
+                config,
+                observer,
+                step,
+                state.final,
+                seconds,
+            )
+        collector = None
+        if not state.final:
+            start = time.perf_counter()
+            collector = StatisticsCollector(
+                graph, sites, config.folds, config.stat_samples, config.stat_rows_per_sample, config.seed + state.step
+            )
+            measured_loss = measure(
+                graph, collector, train_loader, loss_fn, device
+            )  # the plain graph: no DDP without updates
+            seconds["statistics"] = time.perf_counter() - start
+            if epochs == 0:
+                train_loss = measured_loss
         train_loss = distributed.mean_across_ranks(train_loss)
         if not math.isfinite(train_loss):
             raise GrowcError(f"the training loss became {train_loss} at step {step}: lower the learning rate (--lr)")
@@ -255,6 +236,7 @@ def grow(
             bottlenecks={},
             seconds=seconds,
             params_after=params,
+            epochs=epochs,
         )
         report.steps.append(record)
         if state.final:
@@ -264,6 +246,7 @@ def grow(
             observer.step_end(record)
             break
 
+        assert collector is not None
         seconds["statistics"] += distributed.before_growth_step(collector.accumulators, generator)
         outcome = _growth_step(
             graph, sites, collector, config, strategy, optimizer, search_batch, generator, record, params
@@ -321,10 +304,10 @@ def _train_phase(
     observer: Observer,
     step: int,
     final: bool,
-    collector: StatisticsCollector,
     seconds: dict[str, float],
-) -> float:
-    """Training before a growth step (statistics gathered in its last epoch), or the final phase."""
+) -> tuple[float, int]:
+    """Training before a growth step, or the final phase; returns the last epoch's mean loss and
+    the epochs trained (the plateau trigger may end the phase early)."""
     epochs = config.final_epochs if final and config.final_epochs is not None else config.epochs
     # Learning-rate policy: constant while growing (new and old neurons share it, Adam's
     # per-entry scaling adapts to each), then a cosine decay to 0 over the final training.
@@ -332,35 +315,18 @@ def _train_phase(
     if final and epochs and hasattr(train_loader, "__len__"):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(train_loader))
     plateau = config.trigger == "plateau" and not final
-    train_loss, best_val = math.nan, math.inf
+    train_loss, best_val, trained = math.nan, math.inf, 0
     for epoch in range(epochs):
-        # With a fixed schedule the statistics come from the last epoch; under the plateau
-        # trigger any epoch may be the last, so each one starts a fresh collection.
-        collecting = not final and (plateau or epoch == epochs - 1)
-        if collecting and plateau:
-            collector.reset()
         train_loss = _train_one_epoch(
-            graph,
-            train_loader,
-            loss_fn,
-            optimizer,
-            device,
-            config,
-            observer,
-            step,
-            epoch,
-            epochs,
-            collector if collecting else None,
-            seconds,
-            scheduler,
+            graph, train_loader, loss_fn, optimizer, device, observer, step, epoch, epochs, seconds, scheduler
         )
+        trained += 1
         if plateau and epoch < epochs - 1:
             val = evaluate(graph, val_loader, loss_fn, device)[0]
             if val > best_val * (1 - config.plateau_tolerance):
                 break
             best_val = min(best_val, val)
-    seconds["train"] -= seconds["statistics"]
-    return train_loss if epochs else 0.0
+    return (train_loss if epochs else 0.0), trained
 
 
 def _growth_step(

@@ -26,7 +26,7 @@ class SiteGrowthRecord:
 class StepRecord:
     step: int
     params: int
-    train_loss: float
+    train_loss: float  # mean over the last training epoch (step 0: over the measured samples)
     val_loss: float
     val_accuracy: float | None
     widths: dict[str, int]
@@ -35,6 +35,7 @@ class StepRecord:
     seconds: dict[str, float] = field(default_factory=dict)  # train, statistics, solve, line_search
     params_after: int | None = None
     note: str = ""
+    epochs: int = 0  # training epochs before this step's measurement (0: the model as it came)
 
 
 #: `GrowthReport.status` of a run whose final training has not completed: it is in progress, or

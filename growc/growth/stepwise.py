@@ -26,6 +26,7 @@ from growc.graph.depth import DepthSite, find_depth_edges
 from growc.graph.trace import parameter_count, trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
+from growc.growth.measure import measure
 from growc.growth.report import SiteGrowthRecord
 from growc.growth.step import (
     LineSearchBatch,
@@ -35,7 +36,7 @@ from growc.growth.step import (
     grow_allocated,
     not_allocated_records,
 )
-from growc.growth.train import LossFn, modes_kept, split_batch
+from growc.growth.train import LossFn
 from growc.tiny.strategies import make_strategy
 
 
@@ -69,7 +70,7 @@ class Grower:
 
     def measure(self, loader: Iterable) -> list[SiteAssessment]:
         """Run `config.stat_samples` samples of `loader` forward and backward (no parameter
-        changes), gather every site's statistics and solve them; returns the assessments, the
+        or buffer changes), gather every site's statistics and solve them; returns the assessments, the
         most valuable first. Also keeps `config.line_search_samples` samples for `grow`."""
         if not self.sites:
             raise GrowcError("the model has no growth site: see `candidates.skipped` for why")
@@ -83,20 +84,12 @@ class Grower:
             self.config.seed,
         )
         kept: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        try:
-            with modes_kept(self.model), collector:
-                self.model.train()
-                for batch in loader:
-                    inputs, target = split_batch(batch, device)
-                    self.model.zero_grad(set_to_none=True)
-                    self.loss_fn(self.model(*inputs), target).backward()
-                    collector.accumulate(target.shape[0])
-                    if sum(t.shape[0] for _, t in kept) < self.config.line_search_samples:
-                        kept.append((inputs, target))
-                    if collector.full:
-                        break
-        finally:
-            self.model.zero_grad(set_to_none=True)
+
+        def keep(inputs: list[torch.Tensor], target: torch.Tensor) -> None:
+            if sum(t.shape[0] for _, t in kept) < self.config.line_search_samples:
+                kept.append((inputs, target))
+
+        measure(self.model, collector, loader, self.loss_fn, device, keep)
         if not kept:
             raise GrowcError("the loader gave no batch to measure the sites on")
         self._batch = LineSearchBatch.from_batches(kept, self.config.line_search_samples, self.loss_fn)

@@ -2,16 +2,28 @@
 
 Cross-fitting over the folds of the statistics: for each fold, the neurons are solved on the
 other folds and their alignment with the held-out fold's desired update is measured: a neuron
-that only fits noise has alignment 0 on average. Neuron k is kept when its held-out alignment is
-positive with a margin of `z` standard errors across folds; the first neuron that fails ends the
-count. Only the direction is tested: the amplitude is left to the line search on the real loss,
-so a direction that helps at some size is not rejected because its least-squares size overfits. Gains and their spread scale together when the loss or the inputs
-are rescaled, so the decision is scale-free: there is no absolute threshold anywhere.
+that only fits noise has alignment 0 on average. Two questions, two rules:
+
+- *Is there anything to add?* The first neuron's held-out alignment must be positive with a
+  margin of `z` standard errors across folds. Pure noise passes this one test with the small
+  probability the margin sets; there is no multiple testing over neuron counts.
+- *How many?* The cross-validated choice of rank: the held-out alignment of the first k neurons
+  together (a sum, so it does not depend on how the folds order neurons of similar gain) is
+  largest at some k*; the count is the smallest k whose summed alignment is within one standard
+  error of that maximum (the usual one-standard-error rule, which prefers fewer neurons when the
+  data cannot tell). Testing each neuron on its own and stopping at the first failure, as growc
+  did before, stopped at one or two neurons per step as soon as later neurons' gains were
+  individually within noise, even when together they clearly helped.
+
+Only the direction is tested: the amplitude is left to the line search on the real loss, so a
+direction that helps at some size is not rejected because its least-squares size overfits. Gains
+and their spread scale together when the loss or the inputs are rescaled, so the decision is
+scale-free: there is no absolute threshold anywhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,9 +34,11 @@ from growc.tiny.statistics import MomentAccumulator
 
 @dataclass(frozen=True)
 class SignificanceResult:
-    significant: int  # number of leading neurons that pass
+    significant: int  # number of leading neurons kept
     mean_gain: list[float]  # held-out alignment per neuron index, averaged over folds
     std_error: list[float]
+    cumulative: list[float] = field(default_factory=list)  # held-out alignment of the first k neurons
+    cumulative_std_error: list[float] = field(default_factory=list)
 
 
 def significant_neuron_count(
@@ -51,6 +65,12 @@ def significant_neuron_count(
     gains = torch.nan_to_num(gains, nan=0.0)
     mean = gains.mean(0)
     std_error = gains.std(0, unbiased=True) / len(folds) ** 0.5
-    passed = (mean > z * std_error) & (mean > 0)
-    count = int(passed.long().cumprod(0).sum())
-    return SignificanceResult(count, mean.tolist(), std_error.tolist())
+    cumulative_per_fold = gains.cumsum(1)
+    cumulative = cumulative_per_fold.mean(0)
+    cumulative_error = cumulative_per_fold.std(0, unbiased=True) / len(folds) ** 0.5
+    count = 0
+    if mean[0] > 0 and mean[0] > z * std_error[0]:
+        best = int(cumulative.argmax())
+        within = cumulative >= cumulative[best] - cumulative_error[best]
+        count = int(within.nonzero()[0]) + 1
+    return SignificanceResult(count, mean.tolist(), std_error.tolist(), cumulative.tolist(), cumulative_error.tolist())
