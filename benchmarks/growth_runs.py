@@ -109,7 +109,6 @@ def grow_run(
         result = grow(model, train_loader, val_loader, nn.functional.cross_entropy, config, Progress(label))
     report = result.report
     steps = report.steps
-    final_epochs = config.final_epochs if config.final_epochs is not None else config.epochs
     seconds_by_part = {k: sum(s.seconds.get(k, 0.0) for s in steps) for k in ("train", *GROWTH_PARTS)}
     record = {
         "method": label,
@@ -121,12 +120,12 @@ def grow_run(
         "initial_params": report.final["initial_params"],
         "widths": report.final["widths"],
         "initial_widths": report.final["initial_widths"],
-        "epochs": (len(steps) - 1) * config.epochs + final_epochs,
+        "epochs": sum(s.epochs for s in steps),  # step 0 measures before any training
         "growth_steps": len(steps) - 1,
         "seconds": watch.seconds,
         "seconds_by_part": seconds_by_part,
         # growth's own cost (statistics, solve, line search) per growth step, in training epochs
-        "overhead_per_step_epochs": _overhead(steps, config.epochs),
+        "overhead_per_step_epochs": _overhead(steps),
         "stop_reason": report.stop_reason,
         "curve": [(s.params, s.val_accuracy) for s in steps[:-1]],
         "steps": [condensed(s) for s in steps],
@@ -139,13 +138,16 @@ def grow_run(
     return record, result.model
 
 
-def _overhead(steps: list, epochs_per_step: int) -> float | None:
+def _overhead(steps: list) -> float | None:
+    """Growth's own cost per growth step (statistics, solve, line search), in epochs of training
+    of the same run (the mean epoch of its growth phase)."""
     growth_steps = steps[:-1]
     train = sum(s.seconds.get("train", 0.0) for s in growth_steps)
-    if not growth_steps or train <= 0:
+    epochs = sum(s.epochs for s in growth_steps)
+    if not growth_steps or train <= 0 or epochs == 0:
         return None
     growth = sum(s.seconds.get(k, 0.0) for s in growth_steps for k in GROWTH_PARTS)
-    return growth / len(growth_steps) / (train / (len(growth_steps) * epochs_per_step))
+    return growth / len(growth_steps) / (train / epochs)
 
 
 def from_scratch(model: nn.Module, seed: int) -> nn.Module:

@@ -73,7 +73,7 @@ def run_growth(
         result = grow(model, train_loader, val_loader, nn.functional.cross_entropy, config, Progress(strategy))
     report = result.report
     steps = report.steps
-    epochs = (len(steps) - 1) * args.epochs + (args.final_epochs if args.final_epochs is not None else args.epochs)
+    epochs = sum(s.epochs for s in steps)  # step 0 measures before any training
     growth_points = [(s.params, s.val_accuracy) for s in steps[:-1]]
     growth_seconds = {
         k: sum(s.seconds.get(k, 0.0) for s in steps) for k in ("train", "statistics", "solve", "line_search")
