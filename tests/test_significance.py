@@ -90,3 +90,26 @@ def test_real_signal_is_significant():
         acc.update(b_prev, [(b, grad)])
     result = significant_neuron_count(acc, 5)
     assert result.significant == 3, result
+
+
+def test_equally_strong_weak_directions_are_counted_together():
+    # Five equally strong, noisy directions: the folds order their neurons arbitrarily, so each
+    # neuron index alone is within noise; their summed held-out gain is not. The count is about the
+    # signal's rank (testing neurons one by one and stopping at the first failure gave 2.8 on
+    # average here), and at most one noise direction comes with it.
+    counts = []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        mixing = torch.linalg.qr(torch.randn(20, 5, generator=g))[0]
+        acc = MomentAccumulator(folds=4)
+        for _ in range(16):
+            x = torch.randn(64, 20, generator=g)
+            b_prev = torch.cat([x, torch.ones(64, 1)], 1)
+            b = torch.cat([torch.randn(64, 3, generator=g), torch.ones(64, 1)], 1)
+            signal = torch.cat([x @ mixing, torch.zeros(64, 3)], 1)  # 5 of 8 outputs carry signal
+            acc.update(b_prev, [(b, signal + 8.0 * torch.randn(64, 8, generator=g))])
+        counts.append(significant_neuron_count(acc, 8).significant)
+    grown = [c for c in counts if c]
+    assert len(grown) >= 4, counts
+    assert sum(grown) / len(grown) >= 4.0, counts
+    assert max(counts) <= 6, counts

@@ -81,12 +81,6 @@ class StatisticsCollector:
             samples = batch_size * keep / rows  # rows per sample stays the true positions per sample
         self.accumulators[name].update(b_prev, pairs, samples, _prev_stride(b_prev))
 
-    def reset(self) -> None:
-        """Forget what was gathered (a new epoch may be the last before growth)."""
-        folds = next(iter(self.accumulators.values())).fold_count if self.accumulators else 4
-        self.accumulators = {s.name: MomentAccumulator(folds) for s in self.sites}
-        self._seen = 0
-
     @property
     def samples(self) -> int:
         """Data samples (not rows: a conv site has one row per position) seen so far."""

@@ -215,9 +215,8 @@ def grow(
             collector = StatisticsCollector(
                 graph, sites, config.folds, config.stat_samples, config.stat_rows_per_sample, config.seed + state.step
             )
-            measured_loss = measure(
-                graph, collector, train_loader, loss_fn, device
-            )  # the plain graph: no DDP without updates
+            # On the plain graph: a pass without updates needs no DDP.
+            measured_loss = measure(graph, collector, train_loader, loss_fn, device)
             seconds["statistics"] = time.perf_counter() - start
             if epochs == 0:
                 train_loss = measured_loss

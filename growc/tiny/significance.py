@@ -23,7 +23,7 @@ scale-free: there is no absolute threshold anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,8 +37,6 @@ class SignificanceResult:
     significant: int  # number of leading neurons kept
     mean_gain: list[float]  # held-out alignment per neuron index, averaged over folds
     std_error: list[float]
-    cumulative: list[float] = field(default_factory=list)  # held-out alignment of the first k neurons
-    cumulative_std_error: list[float] = field(default_factory=list)
 
 
 def significant_neuron_count(
@@ -73,4 +71,4 @@ def significant_neuron_count(
         best = int(cumulative.argmax())
         within = cumulative >= cumulative[best] - cumulative_error[best]
         count = int(within.nonzero()[0]) + 1
-    return SignificanceResult(count, mean.tolist(), std_error.tolist(), cumulative.tolist(), cumulative_error.tolist())
+    return SignificanceResult(count, mean.tolist(), std_error.tolist())
