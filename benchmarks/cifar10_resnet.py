@@ -43,7 +43,7 @@ from benchmarks.common import (
     subset,
     write_outputs,
 )
-from benchmarks.growth_runs import accuracy_plot, grow_run, train_fixed
+from benchmarks.growth_runs import accuracy_plot, add_weight_decay_argument, grow_run, train_fixed
 from growc import GrowthConfig, candidates_of, trace
 from growc.data import cifar10
 from growc.graph.depth import find_depth_edges
@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             final_epochs=s["final_epochs"],
             batch_size=s["batch_size"],
             lr=args.lr,
+            weight_decay=args.weight_decay,
             time_budget=s["time_budget"],
             depth=depth,
             seed=seed,
@@ -190,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
                 train,
                 val,
                 lr=args.lr,
+                weight_decay=args.weight_decay,
                 batch_size=s["batch_size"],
                 device=args.device,
                 seed=seed,
@@ -276,6 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--width-divisor", type=int, default=8, help="growth starts at widths // this")
     parser.add_argument("--lr", type=float, default=3e-3)
+    add_weight_decay_argument(parser)
     parser.add_argument("--train-samples", type=int, default=None, help="override the preset's training subset")
     parser.add_argument("--test-samples", type=int, default=None, help="override the preset's test subset")
     parser.add_argument("--steps", type=int, default=None)

@@ -70,6 +70,16 @@ def interpolate(curve: list[tuple[int, float]], params: float) -> float | None:
     return float(np.interp(math.log(params), xs, ys))
 
 
+def add_weight_decay_argument(parser: argparse.ArgumentParser) -> None:
+    """--weight-decay, growc's default, for the growth runs and the fixed baselines alike."""
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=GrowthConfig.weight_decay,
+        help=f"Adam L2 penalty, all methods (default {GrowthConfig.weight_decay:g}, growc's)",
+    )
+
+
 def growth_config(args: argparse.Namespace, **settings: Any) -> GrowthConfig:
     """A GrowthConfig from a suite's common options (steps, epochs, final epochs, batch size, lr,
     device) and the given settings."""
@@ -79,6 +89,7 @@ def growth_config(args: argparse.Namespace, **settings: Any) -> GrowthConfig:
         final_epochs=args.final_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         device=args.device,
         **settings,
     )
@@ -187,17 +198,19 @@ def train_fixed(
     seed: int,
     epochs: int | None = None,
     seconds: float | None = None,
+    weight_decay: float = GrowthConfig.weight_decay,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Train `model` from its current weights with Adam and a cosine decay to 0, either for
-    `epochs` epochs or for `seconds` of wall time (checked after every batch)."""
+    """Train `model` from its current weights with Adam (the growth runs' weight decay) and a
+    cosine decay to 0, either for `epochs` epochs or for `seconds` of wall time (checked after
+    every batch)."""
     if (epochs is None) == (seconds is None):
         raise ValueError("give epochs or seconds")
     model = model.to(device)
     dev = torch.device(device)
     loader = as_loader(train, batch_size, shuffle=True, seed=seed)
     val_loader = as_loader(val, EVAL_BATCH, shuffle=False, seed=0)
-    optimizer = make_optimizer("adam", model.parameters(), lr, 0.0)
+    optimizer = make_optimizer("adam", model.parameters(), lr, weight_decay)
     batches_done, loss_sum, samples = 0, 0.0, 0
     with Stopwatch(device) as watch:
         start = time.perf_counter()

@@ -40,6 +40,7 @@ from benchmarks.common import (
 from benchmarks.growth_runs import (
     accuracy_cell,
     accuracy_plot,
+    add_weight_decay_argument,
     equal_params,
     from_scratch,
     grow_run,
@@ -109,7 +110,14 @@ def _model_runs(kind: str, train, val, args: argparse.Namespace, seed: int) -> l
         runs.append(record)
         if strategy == "tiny":
             tiny_graph, tiny_epochs = graph, record["epochs"]
-    common = {"lr": args.lr, "batch_size": args.batch_size, "device": args.device, "seed": seed, "epochs": tiny_epochs}
+    common = {
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "seed": seed,
+        "epochs": tiny_epochs,
+    }
     log(f"{kind} seed {seed}: the tiny architecture from scratch, {tiny_epochs} epochs")
     runs.append(
         train_fixed(
@@ -247,4 +255,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=2, help="training epochs between growth steps")
     parser.add_argument("--final-epochs", type=int, default=None, help="after the last step (default 30; quick 2)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, all methods")
+    add_weight_decay_argument(parser)
     parser.add_argument("--batch-size", type=int, default=100)

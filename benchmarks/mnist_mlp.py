@@ -37,7 +37,14 @@ from benchmarks.common import (
     subset,
     write_outputs,
 )
-from benchmarks.growth_runs import Progress, condensed, growth_config, interpolate, summaries
+from benchmarks.growth_runs import (
+    Progress,
+    add_weight_decay_argument,
+    condensed,
+    growth_config,
+    interpolate,
+    summaries,
+)
 from growc import GrowthConfig, grow
 from growc.data import as_loader, mnist
 from growc.growth.train import evaluate, make_optimizer, train_epoch
@@ -55,7 +62,7 @@ def _config(args: argparse.Namespace, strategy: str, seed: int) -> GrowthConfig:
         args,
         strategy=strategy,
         seed=seed,
-        max_params=args.max_params,
+        max_params=args.max_params or None,
         patience=args.patience,
         significance_z=args.significance_z,
     )
@@ -108,7 +115,7 @@ def train_fixed(
     device = torch.device(args.device)
     train_loader = as_loader(train, args.batch_size, shuffle=True, seed=seed)
     val_loader = as_loader(val, 1000, shuffle=False, seed=0)
-    optimizer = make_optimizer("adam", model.parameters(), args.lr, 0.0)
+    optimizer = make_optimizer("adam", model.parameters(), args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * len(train_loader)))
     history = []
     with Stopwatch(args.device) as watch:
@@ -224,8 +231,8 @@ def run(args: argparse.Namespace) -> int:
         args.train_samples = args.train_samples if args.train_samples is not None else 10_000
         args.large_epochs = args.large_epochs if args.large_epochs is not None else 1
     else:
-        args.steps = args.steps if args.steps is not None else 40
-        args.final_epochs = args.final_epochs if args.final_epochs is not None else 10
+        args.steps = args.steps if args.steps is not None else GrowthConfig.steps
+        args.final_epochs = args.final_epochs if args.final_epochs is not None else GrowthConfig.final_epochs
     seeds = args.seeds or 1
     path = data_file(args.data_dir, MNIST_FILE)
     train, val = mnist(path=str(path))
@@ -335,12 +342,26 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--start-widths", type=parse_widths, default=[1, 1], help="hidden widths to grow from")
-    parser.add_argument("--steps", type=int, default=None, help="most growth steps (default 40; quick 8)")
-    parser.add_argument("--epochs", type=int, default=1, help="training epochs between growth steps")
-    parser.add_argument("--final-epochs", type=int, default=None, help="after the last step (default 10; quick 2)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, all methods")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--max-params", type=int, default=None, help="growth parameter budget (default none)")
+    # Defaults: growc's own (`growc grow`'s), and the issue's budget of 100,000 parameters.
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"most growth steps (default {GrowthConfig.steps}; quick 8)"
+    )
+    parser.add_argument("--epochs", type=int, default=GrowthConfig.epochs, help="training epochs between growth steps")
+    parser.add_argument(
+        "--final-epochs",
+        type=int,
+        default=None,
+        help=f"after the last step (default {GrowthConfig.final_epochs}; quick 2)",
+    )
+    parser.add_argument("--lr", type=float, default=GrowthConfig.lr, help="Adam learning rate, all methods")
+    add_weight_decay_argument(parser)
+    parser.add_argument("--batch-size", type=int, default=GrowthConfig.batch_size)
+    parser.add_argument(
+        "--max-params",
+        type=int,
+        default=TARGET_PARAMS,
+        help=f"growth parameter budget (default {TARGET_PARAMS:,}; 0: none)",
+    )
     parser.add_argument(
         "--patience",
         type=int,

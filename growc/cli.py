@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from growc.errors import GrowcError, GrowcWarning
+from growc.growth.config import GrowthConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -231,6 +232,9 @@ def grow(
     ] = "epochs",
     resume: Annotated[bool, typer.Option(help="continue the run whose checkpoint is in --out")] = False,
     lr: Annotated[float, typer.Option(min=0.0, help="learning rate")] = 3e-3,
+    weight_decay: Annotated[
+        float, typer.Option(min=0.0, help="L2 penalty on the weights (0 to turn it off)")
+    ] = GrowthConfig.weight_decay,
     optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     seed: Annotated[int, typer.Option()] = 0,
@@ -274,6 +278,7 @@ def grow(
                 trigger=trigger,
                 resume=resume,
                 lr=lr,
+                weight_decay=weight_decay,
                 optimizer=optimizer,
                 batch_size=batch_size,
                 seed=seed,

@@ -15,7 +15,11 @@ class GrowthConfig:
     batch_size: int = 64
     optimizer: str = "adam"  # "adam" or "sgd"
     lr: float = 3e-3
-    weight_decay: float = 0.0
+    # L2 penalty on every weight (Adam's coupled form). A grown network spends its growth epochs at
+    # a constant learning rate and then fits its training set to a loss near 0 in the final phase;
+    # 1e-4 keeps it from memorizing: MNIST MLP at 100k parameters, seeds 0-2, 97.68% median
+    # without it, 98.01% with it (3e-4: 97.74 / 97.99 on seeds 0 / 1). docs/method.md.
+    weight_decay: float = 1e-4
     max_params: int | None = None  # never grow past this many parameters
     max_flops: int | None = None  # stop growing once a sample costs this many multiply-adds
     target_accuracy: float | None = None  # stop growing once validation accuracy reaches this
