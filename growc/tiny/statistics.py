@@ -76,37 +76,62 @@ def input_mean(moments: SiteMoments) -> tuple[Tensor, float]:
     return moments.s_prev[:-1, -1] / max(e, 1e-300), e
 
 
+#: Rows a fold buffers before its matrix products: a few large products cost far less than one
+#: small product (and float64 conversion) per batch, and the sums are the same.
+FLUSH_ROWS = 2048
+
+
 class _Sums:
-    """Running sums for one fold."""
+    """Running sums for one fold. Batches are buffered and summed `FLUSH_ROWS` rows at a time;
+    every reader of the sums (`_mean`, `fold_sums`) flushes first."""
 
     def __init__(self) -> None:
         self.n = 0
         self.samples = 0.0
         self.s_prev: Tensor | None = None
         self.consumers: list[list[Tensor]] = []  # per consumer: [s, m, c, p, g_sq]
+        self._pending: list[tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]] = []
+        self._pending_rows = 0
 
     def add(self, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], samples: float, prev_stride: int = 1) -> None:
         bp = b_prev.detach()
-        sub = bp[::prev_stride]  # S' from every k-th row, scaled: an unbiased sum at 1/k the cost
-        terms = [(sub.T @ sub) * (bp.shape[0] / max(sub.shape[0], 1))]
-        for b, g in pairs:
-            b, g = b.detach(), g.detach()
+        sub = bp[::prev_stride]
+        # S' from every k-th row, scaled: an unbiased sum at 1/k the cost. Rows scaled by
+        # sqrt(rows / kept) make sub^T sub that sum, so buffered batches share one product.
+        sub = sub * (bp.shape[0] / max(sub.shape[0], 1)) ** 0.5
+        self._pending.append((bp, sub, [(b.detach(), g.detach()) for b, g in pairs]))
+        self._pending_rows += bp.shape[0]
+        self.n += bp.shape[0]
+        self.samples += samples
+        if self._pending_rows >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        bp = torch.cat([bp for bp, _, _ in pending])
+        sub = torch.cat([sub for _, sub, _ in pending])
+        terms = [sub.T @ sub]
+        for i in range(len(pending[0][2])):
+            b = torch.cat([pairs[i][0] for _, _, pairs in pending])
+            g = torch.cat([pairs[i][1] for _, _, pairs in pending])
             terms += [b.T @ b, b.T @ g, bp.T @ b, bp.T @ g, (g * g).sum().reshape(())]
         terms = [t.to(torch.float64) for t in terms]
         if self.s_prev is None:
             self.s_prev = terms[0]
-            self.consumers = [terms[1 + 5 * i : 6 + 5 * i] for i in range(len(pairs))]
+            self.consumers = [terms[1 + 5 * i : 6 + 5 * i] for i in range(len(pending[0][2]))]
         else:
             self.s_prev += terms[0]
             for i, sums in enumerate(self.consumers):
                 for j in range(5):
                     sums[j] += terms[1 + 5 * i + j]
-        self.n += bp.shape[0]
-        self.samples += samples
 
 
 def _mean(parts: list[_Sums]) -> SiteMoments:
     parts = [p for p in parts if p.n > 0]
+    for part in parts:
+        part.flush()
     if not parts:
         raise ValueError("no statistics were gathered for this site")
     n = sum(p.n for p in parts)
@@ -169,6 +194,7 @@ class MomentAccumulator:
         """(rows, samples, running sums) of fold `index`; the sums in a fixed order (S', then per
         consumer S, M, C, P, |g|^2), None while the fold is empty. What processes add up."""
         fold = self._folds[index]
+        fold.flush()
         if fold.s_prev is None:
             return fold.n, fold.samples, None
         return fold.n, fold.samples, [fold.s_prev, *(t for sums in fold.consumers for t in sums)]
@@ -176,6 +202,7 @@ class MomentAccumulator:
     def set_fold_sums(self, index: int, rows: int, samples: int, sums: list[Tensor] | None) -> None:
         """Replace fold `index` by the given sums (in `fold_sums`' order), e.g. summed over processes."""
         fold = self._folds[index]
+        fold.flush()
         fold.n, fold.samples = rows, samples
         if sums is None:
             fold.s_prev, fold.consumers = None, []
