@@ -3,7 +3,8 @@
 Suites: overhead (growth cost per step relative to a training epoch), mnist-mlp (the paper's MNIST
 MLP experiment: TINY vs random vs GradMax growth, retrained and large fixed baselines), mnist1d
 (MLP and CNN on MNIST-1D), peer (growc vs gromo), cifar10-resnet (a small ResNet grown from 1/8 width),
-solve (the cost of the TINY solve at conv widths and of measuring whole models).
+solve (the cost of the TINY solve at conv widths and of measuring whole models), time-to-accuracy
+(MNIST: how soon a growth run reaches 97.5% against a [1000, 1000] MLP).
 Each suite writes SUITE.md, SUITE.json and SUITE.png (SUITE-quick.* with --quick) into --out and
 prints the table.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cifar10_resnet, mnist1d, mnist_mlp, overhead, peer, solve
+from benchmarks import cifar10_resnet, mnist1d, mnist_mlp, overhead, peer, solve, time_to_accuracy
 from benchmarks.common import DEFAULT_DATA_DIR, DEFAULT_OUT, MissingData
 
 SUITES = {
@@ -27,6 +28,10 @@ SUITES = {
     "cifar10-resnet": (
         cifar10_resnet,
         "small ResNet grown from 1/8 width (and with depth) vs full width, same wall time",
+    ),
+    "time-to-accuracy": (
+        time_to_accuracy,
+        "MNIST: wall time for a growth run and a fixed [1000, 1000] MLP to reach 97.5% test accuracy",
     ),
     "solve": (solve, "TINY site solve at conv widths (Cholesky vs eigh), measuring ResNet-18/MobileNet-v2 vs an epoch"),
 }

@@ -196,7 +196,7 @@ def train_fixed(
     batch_size: int,
     device: str,
     seed: int,
-    epochs: int | None = None,
+    epochs: float | None = None,
     seconds: float | None = None,
     weight_decay: float = GrowthConfig.weight_decay,
     **extra: Any,
@@ -206,6 +206,8 @@ def train_fixed(
     every batch)."""
     if (epochs is None) == (seconds is None):
         raise ValueError("give epochs or seconds")
+    if epochs is not None:
+        epochs = math.ceil(epochs)  # whole epochs: a growth run's total can end in a fraction
     model = model.to(device)
     dev = torch.device(device)
     loader = as_loader(train, batch_size, shuffle=True, seed=seed)

@@ -252,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp-large", type=parse_widths, default=[1000, 1000])
     parser.add_argument("--cnn-large", type=parse_widths, default=[256, 256, 256])
     parser.add_argument("--steps", type=int, default=None, help="most growth steps (default 30; quick 4)")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs between growth steps")
+    parser.add_argument("--epochs", type=float, default=2, help="training epochs between growth steps")
     parser.add_argument("--final-epochs", type=int, default=None, help="after the last step (default 30; quick 2)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, all methods")
     add_weight_decay_argument(parser)

@@ -12,6 +12,7 @@ validation set: growth decisions do not look at them, only the report does).
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
             )
             if strategy == "tiny":
                 tiny_run = result
-        budget = tiny_run["epochs"] if tiny_run else args.steps * args.epochs + args.final_epochs
+        # Whole epochs: a growth run's total ends in a fraction when it grows every part of an epoch.
+        budget = math.ceil(tiny_run["epochs"] if tiny_run else args.steps * args.epochs + args.final_epochs)
         if tiny_run and not args.skip_retrain:
             log(f"seed {seed}: retraining {tiny_run['widths']} from scratch for {budget} epochs")
             runs.append(train_fixed("retrained (tiny widths)", tiny_run["widths"], budget, train, val, args, seed))
@@ -346,7 +348,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help=f"most growth steps (default {GrowthConfig.steps}; quick 8)"
     )
-    parser.add_argument("--epochs", type=int, default=GrowthConfig.epochs, help="training epochs between growth steps")
+    parser.add_argument(
+        "--epochs", type=float, default=GrowthConfig.epochs, help="training epochs between growth steps"
+    )
     parser.add_argument(
         "--final-epochs",
         type=int,

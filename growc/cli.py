@@ -214,7 +214,9 @@ def grow(
             help="built-in data set when the file defines no `data`: digits, mnist:PATH, cifar10:PATH, mnist1d"
         ),
     ] = "digits",
-    epochs: Annotated[int, typer.Option(min=0, help="training epochs between growth steps")] = 1,
+    epochs: Annotated[
+        float, typer.Option(min=0.0, help="training epochs between growth steps (a fraction: that share of an epoch)")
+    ] = GrowthConfig.epochs,
     final_epochs: Annotated[int, typer.Option(min=0, help="training epochs after the last growth step")] = 20,
     steps: Annotated[int, typer.Option(min=0, help="maximum number of growth steps")] = 30,
     max_params: Annotated[Optional[int], typer.Option(min=1, help="never grow past this many parameters")] = None,

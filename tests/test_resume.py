@@ -31,8 +31,9 @@ def _setup(seed=0):
     return model, as_loader(train, 64, True, seed), as_loader(val, 256, False, seed)
 
 
-def test_resume_reaches_the_same_model_as_an_uninterrupted_run(tmp_path):
-    config = growc.GrowthConfig(steps=5, final_epochs=2, seed=0)
+@pytest.mark.parametrize("epochs", [1, 0.5])  # 0.5: each step trains on half an epoch's batches
+def test_resume_reaches_the_same_model_as_an_uninterrupted_run(tmp_path, epochs):
+    config = growc.GrowthConfig(steps=5, epochs=epochs, final_epochs=2, seed=0)
     model, train, val = _setup()
     whole = grow(model, train, val, F.cross_entropy, config, checkpoint=tmp_path / "a.safetensors")
 
@@ -152,3 +153,36 @@ def test_growth_never_raises_the_loss_at_the_moment_it_is_applied():
     assert sum(g.neurons for g in grown) > 0
     # observed_gain = line-search loss before the step's change at the site minus after it.
     assert all(g.observed_gain >= -1e-6 for g in grown), [g.observed_gain for g in grown]
+
+
+class _CountingBatches(growc.growth.loop.Observer):
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def epoch_start(self, step: int, epoch: int, epochs: int, batches: int) -> None:
+        self.batches.append(0)
+
+    def batch_end(self) -> None:
+        self.batches[-1] += 1
+
+
+def test_a_fraction_of_an_epoch_between_steps_trains_that_share_of_the_batches():
+    model, train, val = _setup()
+    counter = _CountingBatches()
+    result = grow(model, train, val, F.cross_entropy, growc.GrowthConfig(steps=3, epochs=1.5, final_epochs=1), counter)
+    half = round(0.5 * len(train))
+    # Steps 1 and 2 train 1.5 epochs each (a whole pass, then half of one); the final phase one epoch.
+    assert counter.batches == [len(train), half, len(train), half, len(train)]
+    trained = 1 + half / len(train)
+    assert [s.epochs for s in result.report.steps] == [0, pytest.approx(trained), pytest.approx(trained), 1]
+
+
+def test_epoch_chunks_split_a_phase_into_passes():
+    from growc.growth.loop import epoch_chunks
+
+    assert epoch_chunks(2, 10) == [None, None]
+    assert epoch_chunks(2.5, 10) == [None, None, 5]
+    assert epoch_chunks(0.01, 10) == [1]  # at least one batch
+    assert epoch_chunks(0, 10) == []
+    with pytest.raises(GrowcError, match="fraction of an epoch"):
+        epoch_chunks(0.5, None)

@@ -10,7 +10,8 @@ class GrowthConfig:
     steps: int = 30  # at most this many growth steps (each after `epochs` epochs of training)
     # One epoch between steps grows while the gradient still carries signal that generalizes;
     # longer gaps let a tiny network memorize, and the significance test then (rightly) stops.
-    epochs: int = 1  # training epochs between growth steps
+    # Training epochs between growth steps; a fraction (0.25) trains that share of an epoch's batches.
+    epochs: float = 1
     final_epochs: int | None = 20  # training after the last growth step (None: `epochs`)
     batch_size: int = 64
     optimizer: str = "adam"  # "adam" or "sgd"

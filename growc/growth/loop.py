@@ -80,15 +80,16 @@ def _train_one_epoch(
     epochs: int,
     seconds: dict[str, float],
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    max_batches: int | None = None,
 ) -> float:
-    batches = len(loader) if hasattr(loader, "__len__") else 0
+    batches = max_batches or (len(loader) if hasattr(loader, "__len__") else 0)
     observer.epoch_start(step, epoch, epochs, batches)
 
     def after_backward(index: int, size: int) -> None:
         observer.batch_end()
 
     start = time.perf_counter()
-    loss = train_epoch(model, loader, loss_fn, optimizer, device, after_backward, scheduler)
+    loss = train_epoch(model, loader, loss_fn, optimizer, device, after_backward, scheduler, max_batches)
     seconds["train"] += time.perf_counter() - start
     observer.epoch_end(step, epoch, loss)
     return loss
@@ -304,28 +305,58 @@ def _train_phase(
     step: int,
     final: bool,
     seconds: dict[str, float],
-) -> tuple[float, int]:
+) -> tuple[float, float]:
     """Training before a growth step, or the final phase; returns the last epoch's mean loss and
     the epochs trained (the plateau trigger may end the phase early)."""
     epochs = config.final_epochs if final and config.final_epochs is not None else config.epochs
+    batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+    chunks = epoch_chunks(epochs, batches)
     # Learning-rate policy: constant while growing (new and old neurons share it, Adam's
     # per-entry scaling adapts to each), then a cosine decay to 0 over the final training.
     scheduler = None
     if final and epochs and hasattr(train_loader, "__len__"):
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(train_loader))
-    plateau = config.trigger == "plateau" and not final
-    train_loss, best_val, trained = math.nan, math.inf, 0
-    for epoch in range(epochs):
-        train_loss = _train_one_epoch(
-            graph, train_loader, loss_fn, optimizer, device, observer, step, epoch, epochs, seconds, scheduler
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, round(epochs * len(train_loader)))
         )
-        trained += 1
-        if plateau and epoch < epochs - 1:
+    plateau = config.trigger == "plateau" and not final
+    train_loss, best_val, trained = math.nan, math.inf, 0.0
+    for epoch, chunk in enumerate(chunks):
+        train_loss = _train_one_epoch(
+            graph,
+            train_loader,
+            loss_fn,
+            optimizer,
+            device,
+            observer,
+            step,
+            epoch,
+            len(chunks),
+            seconds,
+            scheduler,
+            chunk,
+        )
+        trained += 1.0 if chunk is None or not batches else chunk / batches
+        if plateau and epoch < len(chunks) - 1:
             val = evaluate(graph, val_loader, loss_fn, device)[0]
             if val > best_val * (1 - config.plateau_tolerance):
                 break
             best_val = min(best_val, val)
     return (train_loss if epochs else 0.0), trained
+
+
+def epoch_chunks(epochs: float, batches: int | None) -> list[int | None]:
+    """A phase of `epochs` epochs as passes over the loader: None for a whole epoch, a number of
+    batches for the fraction that remains (at least one batch)."""
+    whole = int(epochs)
+    chunks: list[int | None] = [None] * whole
+    if epochs - whole > 1e-9:
+        if batches is None:
+            raise GrowcError(
+                f"epochs={epochs:g} trains a fraction of an epoch, which needs training data with a length "
+                "(a Dataset, or a DataLoader over one): use whole epochs with this data"
+            )
+        chunks.append(max(1, round((epochs - whole) * batches)))
+    return chunks
 
 
 def _growth_step(

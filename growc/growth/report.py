@@ -35,7 +35,7 @@ class StepRecord:
     seconds: dict[str, float] = field(default_factory=dict)  # train, statistics, solve, line_search
     params_after: int | None = None
     note: str = ""
-    epochs: int = 0  # training epochs before this step's measurement (0: the model as it came)
+    epochs: float = 0  # training epochs before this step's measurement (0: the model as it came)
 
 
 #: `GrowthReport.status` of a run whose final training has not completed: it is in progress, or

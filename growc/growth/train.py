@@ -44,12 +44,16 @@ def train_epoch(
     device: torch.device,
     after_backward: Callable[[int, int], None] | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    max_batches: int | None = None,
 ) -> float:
-    """One pass over `loader`; returns the mean training loss. `after_backward(batch_index,
-    batch_size)` runs between backward and the optimizer step (statistics are read there)."""
+    """One pass over `loader` (its first `max_batches` batches, when given); returns the mean
+    training loss. `after_backward(batch_index, batch_size)` runs between backward and the
+    optimizer step."""
     model.train()
     total, count = 0.0, 0
     for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
         inputs, target = split_batch(batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(*inputs), target)
