@@ -218,7 +218,7 @@ def grow(
         float, typer.Option(min=0.0, help="training epochs between growth steps (a fraction: that share of an epoch)")
     ] = GrowthConfig.epochs,
     final_epochs: Annotated[int, typer.Option(min=0, help="training epochs after the last growth step")] = 20,
-    steps: Annotated[int, typer.Option(min=0, help="maximum number of growth steps")] = 30,
+    steps: Annotated[int, typer.Option(min=0, help="maximum number of growth steps")] = GrowthConfig.steps,
     max_params: Annotated[Optional[int], typer.Option(min=1, help="never grow past this many parameters")] = None,
     strategy: Annotated[str, typer.Option(help="new neurons from: tiny, random, gradmax")] = "tiny",
     depth: Annotated[bool, typer.Option(help="also consider new residual blocks on the edges into layers")] = False,

@@ -7,11 +7,13 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class GrowthConfig:
-    steps: int = 30  # at most this many growth steps (each after `epochs` epochs of training)
-    # One epoch between steps grows while the gradient still carries signal that generalizes;
-    # longer gaps let a tiny network memorize, and the significance test then (rightly) stops.
-    # Training epochs between growth steps; a fraction (0.25) trains that share of an epoch's batches.
-    epochs: float = 1
+    steps: int = 100  # at most this many growth steps; a budget or the significance test usually stops first
+    # Training epochs between growth steps; a fraction trains that share of an epoch's batches.
+    # A quarter epoch: a small network needs little training before its next bottleneck is clear,
+    # and longer gaps let it memorize, until the significance test (rightly) stops. MNIST MLP from
+    # [1, 1], 100k budget, seeds 0-2: 98.10 / 98.11 / 98.26% in about 25 epochs in all, against
+    # 98.11 / 98.08 / 97.95% in about 40 with one epoch; digits: 97.2% against 96.1% (docs/method.md).
+    epochs: float = 0.25
     final_epochs: int | None = 20  # training after the last growth step (None: `epochs`)
     batch_size: int = 64
     optimizer: str = "adam"  # "adam" or "sgd"

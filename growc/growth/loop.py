@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from growc.errors import GrowcError
+from growc.errors import GrowcError, GrowcWarning
 from growc.graph.candidates import WidthSite, find_width_sites
 from growc.graph.depth import find_depth_edges
 from growc.graph.flops import multiply_adds
@@ -346,15 +347,20 @@ def _train_phase(
 
 def epoch_chunks(epochs: float, batches: int | None) -> list[int | None]:
     """A phase of `epochs` epochs as passes over the loader: None for a whole epoch, a number of
-    batches for the fraction that remains (at least one batch)."""
+    batches for the fraction that remains (at least one batch). Data without a length (an
+    iterable data set) cannot be cut into fractions: the phase rounds up to whole epochs."""
     whole = int(epochs)
     chunks: list[int | None] = [None] * whole
     if epochs - whole > 1e-9:
         if batches is None:
-            raise GrowcError(
-                f"epochs={epochs:g} trains a fraction of an epoch, which needs training data with a length "
-                "(a Dataset, or a DataLoader over one): use whole epochs with this data"
+            warnings.warn(
+                f"epochs={epochs:g} asks for a fraction of an epoch, but the training data has no length: "
+                f"training {whole + 1} whole epoch(s) between steps instead (give a Dataset with a length, "
+                "or whole --epochs)",
+                GrowcWarning,
+                stacklevel=2,
             )
+            return [None] * (whole + 1)
         chunks.append(max(1, round((epochs - whole) * batches)))
     return chunks
 
