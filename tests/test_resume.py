@@ -186,3 +186,20 @@ def test_epoch_chunks_split_a_phase_into_passes():
     assert epoch_chunks(0, 10) == []
     with pytest.warns(GrowcWarning, match="no length"):
         assert epoch_chunks(0.5, None) == [None]  # data without a length: whole epochs
+
+
+def test_growth_stops_when_the_validation_loss_stops_improving():
+    # Validation labels unrelated to the inputs: training helps the training set only, so the
+    # validation loss never improves for long and the run stops on it, not on a step count.
+    model, train, val = _setup()
+    x, _ = val.dataset.tensors
+    noise = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(1))
+    val = as_loader(torch.utils.data.TensorDataset(x, noise), 256, False, 0)
+    config = growc.GrowthConfig(final_epochs=0, epochs=0.5, validation_patience=2, patience=100)
+    result = grow(model, train, val, F.cross_entropy, config)
+    assert "validation loss did not improve" in result.report.stop_reason
+    assert len(result.report.steps) < 30
+
+    model, train, val = _setup()  # real validation labels: the same run keeps growing
+    result = grow(model, train, val, F.cross_entropy, growc.GrowthConfig(final_epochs=0, epochs=0.5, steps=8))
+    assert "validation loss" not in result.report.stop_reason

@@ -438,7 +438,35 @@ def _stop_reason(
         return f"used the time budget ({config.time_budget:g} s)"
     if state.barren >= config.patience:
         return f"no site had a significant gain for {state.barren} steps in a row ({_last_tests(record)})"
-    return ""
+    return _validation_plateau(config, state.report.steps)
+
+
+def _validation_plateau(config: GrowthConfig, steps: list[StepRecord]) -> str:
+    """Why growth stops on the validation loss ("" to go on): over the last
+    `validation_patience` epochs of training, it never beat its best before them by
+    `plateau_tolerance` (relative)."""
+    if config.validation_patience is None:
+        return ""
+    window, epochs = [], 0.0
+    for record in reversed(steps):
+        if epochs >= config.validation_patience - 1e-9:
+            break
+        window.append(record)
+        epochs += record.epochs
+    before = steps[: len(steps) - len(window)]
+    if epochs < config.validation_patience - 1e-9 or not before:
+        return ""
+    losses = [r.val_loss for r in before if math.isfinite(r.val_loss)]
+    recent = [r.val_loss for r in window if math.isfinite(r.val_loss)]
+    if not losses or not recent:
+        return ""
+    best, latest_best = min(losses), min(recent)
+    if latest_best < best * (1 - config.plateau_tolerance):
+        return ""
+    return (
+        f"the validation loss did not improve on its best ({best:.4g}) by {config.plateau_tolerance:.0%} over the "
+        f"last {epochs:g} epochs of growth (best there {latest_best:.4g}; validation_patience {config.validation_patience:g})"
+    )
 
 
 def _last_tests(record: StepRecord) -> str:
