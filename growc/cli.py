@@ -217,11 +217,15 @@ def grow(
     epochs: Annotated[
         float, typer.Option(min=0.0, help="training epochs between growth steps (a fraction: that share of an epoch)")
     ] = GrowthConfig.epochs,
-    final_epochs: Annotated[int, typer.Option(min=0, help="training epochs after the last growth step")] = 20,
+    final_epochs: Annotated[
+        int, typer.Option(min=0, help="training epochs after the last growth step")
+    ] = GrowthConfig.final_epochs,
     steps: Annotated[int, typer.Option(min=0, help="maximum number of growth steps")] = GrowthConfig.steps,
     max_params: Annotated[Optional[int], typer.Option(min=1, help="never grow past this many parameters")] = None,
-    strategy: Annotated[str, typer.Option(help="new neurons from: tiny, random, gradmax")] = "tiny",
-    depth: Annotated[bool, typer.Option(help="also consider new residual blocks on the edges into layers")] = False,
+    strategy: Annotated[str, typer.Option(help="new neurons from: tiny, random, gradmax")] = GrowthConfig.strategy,
+    depth: Annotated[
+        bool, typer.Option(help="also consider new residual blocks on the edges into layers")
+    ] = GrowthConfig.depth,
     max_flops: Annotated[
         Optional[int], typer.Option(min=1, help="stop growing at this many multiply-adds per sample")
     ] = None,
@@ -231,16 +235,16 @@ def grow(
     time_budget: Annotated[Optional[float], typer.Option(min=0.0, help="stop growing after this many seconds")] = None,
     trigger: Annotated[
         str, typer.Option(help="grow after --epochs epochs (epochs) or once validation loss plateaus (plateau)")
-    ] = "epochs",
+    ] = GrowthConfig.trigger,
     resume: Annotated[bool, typer.Option(help="continue the run whose checkpoint is in --out")] = False,
-    lr: Annotated[float, typer.Option(min=0.0, help="learning rate")] = 3e-3,
+    lr: Annotated[float, typer.Option(min=0.0, help="learning rate")] = GrowthConfig.lr,
     weight_decay: Annotated[
         float, typer.Option(min=0.0, help="L2 penalty on the weights (0 to turn it off)")
     ] = GrowthConfig.weight_decay,
-    optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
+    optimizer: Annotated[str, typer.Option(help="adam or sgd")] = GrowthConfig.optimizer,
+    batch_size: Annotated[int, typer.Option(min=1)] = GrowthConfig.batch_size,
+    seed: Annotated[int, typer.Option()] = GrowthConfig.seed,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = GrowthConfig.device,
     out: Annotated[Optional[Path], typer.Option(help="output folder (default: runs/<model file name>/)")] = None,
     leaf: Annotated[
         Optional[list[str]], typer.Option(help="submodule (path or class name) to keep opaque when tracing")
