@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         args.final_epochs = args.final_epochs if args.final_epochs is not None else 2
         seeds = args.seeds or 1
     else:
-        args.steps = args.steps if args.steps is not None else 30
+        args.steps = args.steps if args.steps is not None else GrowthConfig.steps
         args.final_epochs = args.final_epochs if args.final_epochs is not None else 30
         seeds = args.seeds or 3
     train, val = _load(args)
@@ -251,8 +251,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cnn-published", type=parse_widths, default=[25, 25, 25])
     parser.add_argument("--mlp-large", type=parse_widths, default=[1000, 1000])
     parser.add_argument("--cnn-large", type=parse_widths, default=[256, 256, 256])
-    parser.add_argument("--steps", type=int, default=None, help="most growth steps (default 30; quick 4)")
-    parser.add_argument("--epochs", type=float, default=2, help="training epochs between growth steps")
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"most growth steps (default {GrowthConfig.steps}; quick 4)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=GrowthConfig.epochs,
+        help=f"training epochs between growth steps (default {GrowthConfig.epochs:g}, growc's)",
+    )
     parser.add_argument("--final-epochs", type=int, default=None, help="after the last step (default 30; quick 2)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, all methods")
     add_weight_decay_argument(parser)
