@@ -21,7 +21,7 @@ from benchmarks.common import Stopwatch, fmt, log, median, parameter_count
 from growc import GrowthConfig, grow
 from growc.data import as_loader
 from growc.graph.flops import multiply_adds
-from growc.growth.loop import Observer
+from growc.growth.observer import Observer
 from growc.growth.report import StepRecord
 from growc.growth.train import evaluate, make_optimizer, split_batch
 

@@ -39,7 +39,7 @@ from benchmarks.common import (
 from benchmarks.growth_runs import add_weight_decay_argument
 from growc import GrowthConfig, grow
 from growc.data import as_loader, mnist
-from growc.growth.loop import Observer
+from growc.growth.observer import Observer
 from growc.growth.report import StepRecord
 from growc.growth.train import evaluate, make_optimizer, split_batch
 

@@ -1,6 +1,6 @@
 """Observers that tests hand to a growth run."""
 
-from growc.growth.loop import Observer
+from growc.growth.observer import Observer
 
 
 class StopAfter(Observer):

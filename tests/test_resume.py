@@ -155,7 +155,7 @@ def test_growth_never_raises_the_loss_at_the_moment_it_is_applied():
     assert all(g.observed_gain >= -1e-6 for g in grown), [g.observed_gain for g in grown]
 
 
-class _CountingBatches(growc.growth.loop.Observer):
+class _CountingBatches(growc.growth.observer.Observer):
     def __init__(self) -> None:
         self.batches: list[int] = []
 
@@ -178,7 +178,7 @@ def test_a_fraction_of_an_epoch_between_steps_trains_that_share_of_the_batches()
 
 
 def test_epoch_chunks_split_a_phase_into_passes():
-    from growc.growth.loop import epoch_chunks
+    from growc.growth.schedule import epoch_chunks
 
     assert epoch_chunks(2, 10) == [None, None]
     assert epoch_chunks(2.5, 10) == [None, None, 5]

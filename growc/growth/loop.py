@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from growc.errors import GrowcError, GrowcWarning
+from growc.errors import GrowcError
 from growc.graph.candidates import WidthSite, find_width_sites
 from growc.graph.depth import find_depth_edges
 from growc.graph.flops import multiply_adds
@@ -23,9 +22,11 @@ from growc.growth.checkpoint import load_with_state, save_checkpoint
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
 from growc.growth.measure import measure
+from growc.growth.observer import Observer
 from growc.growth.report import FINISHED, GrowthReport, StepRecord
 from growc.growth.run_state import RunState, restore_optimizer, restore_random_states
 from growc.growth.run_state import pack as run_state_pack
+from growc.growth.schedule import Trainer
 from growc.growth.step import (
     LineSearchBatch,
     allocate_with_reasons,
@@ -33,19 +34,8 @@ from growc.growth.step import (
     grow_allocated,
     not_allocated_records,
 )
-from growc.growth.train import LossFn, evaluate, make_optimizer, split_batch, train_epoch
+from growc.growth.train import LossFn, evaluate, make_optimizer, split_batch
 from growc.tiny.strategies import make_strategy
-
-
-class Observer:
-    """Hooks for whoever shows progress (the CLI); every method is optional."""
-
-    def run_start(self, sites: list[WidthSite], params: int) -> None: ...
-    def epoch_start(self, step: int, epoch: int, epochs: int, batches: int) -> None: ...
-    def batch_end(self) -> None: ...
-    def epoch_end(self, step: int, epoch: int, train_loss: float) -> None: ...
-    def step_end(self, record: StepRecord) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 @dataclass
@@ -67,33 +57,6 @@ def _line_search_batch(loader: Iterable, samples: int, device: torch.device, los
     if not parts:
         raise GrowcError("the training data is empty: give at least one batch of samples")
     return LineSearchBatch.from_batches(parts, samples, loss_fn)
-
-
-def _train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    observer: Observer,
-    step: int,
-    epoch: int,
-    epochs: int,
-    seconds: dict[str, float],
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    max_batches: int | None = None,
-) -> float:
-    batches = max_batches or (len(loader) if hasattr(loader, "__len__") else 0)
-    observer.epoch_start(step, epoch, epochs, batches)
-
-    def after_backward(index: int, size: int) -> None:
-        observer.batch_end()
-
-    start = time.perf_counter()
-    loss = train_epoch(model, loader, loss_fn, optimizer, device, after_backward, scheduler, max_batches)
-    seconds["train"] += time.perf_counter() - start
-    observer.epoch_end(step, epoch, loss)
-    return loss
 
 
 def widths(model: nn.Module, sites: list) -> dict[str, int]:
@@ -190,6 +153,7 @@ def grow(
         return previous
 
     replicas = distributed.Replicas(graph)  # under torchrun: DDP around the graph, rebuilt after growth
+    trainer = Trainer(train_loader, val_loader, loss_fn, optimizer, device, config, observer)
     while not state.finished:
         step = state.step
         seconds = {"train": 0.0, "statistics": 0.0, "solve": 0.0, "line_search": 0.0}
@@ -198,19 +162,7 @@ def grow(
         # its first epoch of training, leaving nothing to measure.
         train_loss, epochs = math.nan, 0
         if step > 0 or state.final:
-            train_loss, epochs = _train_phase(
-                replicas.module(),
-                train_loader,
-                val_loader,
-                loss_fn,
-                optimizer,
-                device,
-                config,
-                observer,
-                step,
-                state.final,
-                seconds,
-            )
+            train_loss, epochs = trainer.phase(replicas.module(), step, state.final, seconds)
         collector = None
         if not state.final:
             start = time.perf_counter()
@@ -292,77 +244,6 @@ class StepOutcome:
     blocks_inserted: bool  # the graph changed: sites must be found again
     significant: int  # significant neurons over all sites
     cheapest_neuron: int  # parameters of the cheapest neuron anywhere
-
-
-def _train_phase(
-    graph: fx.GraphModule,
-    train_loader: Iterable,
-    val_loader: Iterable,
-    loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    config: GrowthConfig,
-    observer: Observer,
-    step: int,
-    final: bool,
-    seconds: dict[str, float],
-) -> tuple[float, float]:
-    """Training before a growth step, or the final phase; returns the last epoch's mean loss and
-    the epochs trained (the plateau trigger may end the phase early)."""
-    epochs = config.final_epochs if final and config.final_epochs is not None else config.epochs
-    batches = len(train_loader) if hasattr(train_loader, "__len__") else None
-    chunks = epoch_chunks(epochs, batches)
-    # Learning-rate policy: constant while growing (new and old neurons share it, Adam's
-    # per-entry scaling adapts to each), then a cosine decay to 0 over the final training.
-    scheduler = None
-    if final and epochs and hasattr(train_loader, "__len__"):
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, round(epochs * len(train_loader)))
-        )
-    plateau = config.trigger == "plateau" and not final
-    train_loss, best_val, trained = math.nan, math.inf, 0.0
-    for epoch, chunk in enumerate(chunks):
-        train_loss = _train_one_epoch(
-            graph,
-            train_loader,
-            loss_fn,
-            optimizer,
-            device,
-            observer,
-            step,
-            epoch,
-            len(chunks),
-            seconds,
-            scheduler,
-            chunk,
-        )
-        trained += 1.0 if chunk is None or not batches else chunk / batches
-        if plateau and epoch < len(chunks) - 1:
-            val = evaluate(graph, val_loader, loss_fn, device)[0]
-            if val > best_val * (1 - config.plateau_tolerance):
-                break
-            best_val = min(best_val, val)
-    return (train_loss if epochs else 0.0), trained
-
-
-def epoch_chunks(epochs: float, batches: int | None) -> list[int | None]:
-    """A phase of `epochs` epochs as passes over the loader: None for a whole epoch, a number of
-    batches for the fraction that remains (at least one batch). Data without a length (an
-    iterable data set) cannot be cut into fractions: the phase rounds up to whole epochs."""
-    whole = int(epochs)
-    chunks: list[int | None] = [None] * whole
-    if epochs - whole > 1e-9:
-        if batches is None:
-            warnings.warn(
-                f"epochs={epochs:g} asks for a fraction of an epoch, but the training data has no length: "
-                f"training {whole + 1} whole epoch(s) between steps instead (give a Dataset with a length, "
-                "or whole --epochs)",
-                GrowcWarning,
-                stacklevel=2,
-            )
-            return [None] * (whole + 1)
-        chunks.append(max(1, round((epochs - whole) * batches)))
-    return chunks
 
 
 def _growth_step(
