@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     for group in (grown, large):
         table.add(
             group[0]["method"],
-            fmt(median([r["params"] for r in group]), 0),
+            f"{median([r['params'] for r in group]):,.0f}",
             fmt(median([r["seconds_to_target"] for r in group]), 1),
             fmt(100 * median([r["accuracy"] for r in group])),
             fmt(median([r["seconds"] for r in group]), 0),
