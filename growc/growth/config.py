@@ -33,7 +33,7 @@ class GrowthConfig:
     trigger: str = "epochs"
     plateau_tolerance: float = 0.01
     strategy: str = "tiny"  # how new neurons are chosen: "tiny", "random", "gradmax"
-    stat_samples: int = 16384  # samples of the last epoch whose moments drive a growth step
+    stat_samples: int = 16384  # training samples of the measurement pass whose moments drive a growth step
     folds: int = 4  # folds of those samples for the significance test
     stat_rows_per_sample: int = 16  # conv sites: at most this many positions per sample (random)
     ridge: float = 0.1  # shrinkage of the producer-input covariance before whitening (0: exact)
