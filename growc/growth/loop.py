@@ -104,17 +104,7 @@ def grow(
 
     # From here on the model is the traced graph: it shares every layer with the user's module
     # (width growth shows in both) and is the only one that can receive new blocks.
-    saved = None
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
-        graph, state_tensors, extra = load_with_state(checkpoint)
-        if "run" not in extra:
-            raise GrowcError(f"'{checkpoint}' holds no resumable run state: start the run again without --resume")
-        graph.to(device)
-        saved = (state_tensors, extra)
-    else:
-        if resume:
-            observer.message(f"no checkpoint at {checkpoint} to resume from: starting a new run")
-        graph = trace(user_model, leaf_modules, concrete_args)
+    graph, saved = _graph_to_grow(user_model, checkpoint, resume, leaf_modules, concrete_args, observer, device)
     sites = _all_sites(graph, config)
     if not sites:
         skipped = find_width_sites(graph).skipped
@@ -124,10 +114,7 @@ def grow(
     search_batch = _line_search_batch(train_loader, config.line_search_samples, device, loss_fn)
     search_batch = distributed.reduced_line_search_batch(search_batch)  # loss: mean over all ranks
     if saved is not None:
-        state_tensors, extra = saved
-        state = RunState.from_json(extra["run"])
-        restore_optimizer(optimizer, graph, state_tensors, extra)
-        restore_random_states(state_tensors, train_loader, generator)
+        state = _resumed_state(saved, graph, optimizer, train_loader, generator)
         observer.message(f"resumed from {checkpoint} at step {state.step}")
     else:
         state = RunState(
@@ -165,32 +152,14 @@ def grow(
             train_loss, epochs = trainer.phase(replicas.module(), step, state.final, seconds)
         collector = None
         if not state.final:
-            start = time.perf_counter()
-            collector = StatisticsCollector(
-                graph, sites, config.folds, config.stat_samples, config.stat_rows_per_sample, config.seed + state.step
-            )
-            # On the plain graph: a pass without updates needs no DDP.
-            measured_loss = measure(graph, collector, train_loader, loss_fn, device)
-            seconds["statistics"] = time.perf_counter() - start
+            collector, measured_loss = _measurement(graph, sites, config, step, train_loader, loss_fn, device, seconds)
             if epochs == 0:
                 train_loss = measured_loss
         train_loss = distributed.mean_across_ranks(train_loss)
         if not math.isfinite(train_loss):
             raise GrowcError(f"the training loss became {train_loss} at step {step}: lower the learning rate (--lr)")
-        val_loss, val_accuracy = evaluate(graph, val_loader, loss_fn, device)
-        params = parameter_count(graph)
-        record = StepRecord(
-            step=step,
-            params=params,
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_accuracy=val_accuracy,
-            widths=widths(graph, sites),
-            bottlenecks={},
-            seconds=seconds,
-            params_after=params,
-            epochs=epochs,
-        )
+        record = _step_record(graph, sites, step, train_loss, epochs, seconds, val_loader, loss_fn, device)
+        params = record.params
         report.steps.append(record)
         if state.final:
             state.finished, report.status = True, FINISHED
@@ -216,6 +185,91 @@ def grow(
         observer.step_end(record)
 
     return GrowthResult(model=graph, user_model=user_model, report=report)
+
+
+def _graph_to_grow(
+    user_model: nn.Module,
+    checkpoint: str | Path | None,
+    resume: bool,
+    leaf_modules: Iterable[str],
+    concrete_args: dict[str, Any] | None,
+    observer: Observer,
+    device: torch.device,
+) -> tuple[fx.GraphModule, tuple[dict, dict] | None]:
+    """The traced graph of the user's model, or the one a checkpoint holds when resuming (with
+    its saved tensors and metadata). The graph shares every layer with the user's module (width
+    growth shows in both) and is the only one that can receive new blocks."""
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        graph, state_tensors, extra = load_with_state(checkpoint)
+        if "run" not in extra:
+            raise GrowcError(f"'{checkpoint}' holds no resumable run state: start the run again without --resume")
+        return graph.to(device), (state_tensors, extra)
+    if resume:
+        observer.message(f"no checkpoint at {checkpoint} to resume from: starting a new run")
+    return trace(user_model, leaf_modules, concrete_args), None
+
+
+def _resumed_state(
+    saved: tuple[dict, dict],
+    graph: fx.GraphModule,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Iterable,
+    generator: torch.Generator,
+) -> RunState:
+    """The loop's state from a checkpoint, with the optimizer's and random generators' states put back."""
+    state_tensors, extra = saved
+    restore_optimizer(optimizer, graph, state_tensors, extra)
+    restore_random_states(state_tensors, train_loader, generator)
+    return RunState.from_json(extra["run"])
+
+
+def _step_record(
+    graph: fx.GraphModule,
+    sites: list,
+    step: int,
+    train_loss: float,
+    epochs: float,
+    seconds: dict[str, float],
+    val_loader: Iterable,
+    loss_fn: LossFn,
+    device: torch.device,
+) -> StepRecord:
+    """The step's record before growth: its losses, validation, widths and parameters."""
+    val_loss, val_accuracy = evaluate(graph, val_loader, loss_fn, device)
+    params = parameter_count(graph)
+    return StepRecord(
+        step=step,
+        params=params,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_accuracy=val_accuracy,
+        widths=widths(graph, sites),
+        bottlenecks={},
+        seconds=seconds,
+        params_after=params,
+        epochs=epochs,
+    )
+
+
+def _measurement(
+    graph: fx.GraphModule,
+    sites: list,
+    config: GrowthConfig,
+    step: int,
+    train_loader: Iterable,
+    loss_fn: LossFn,
+    device: torch.device,
+    seconds: dict[str, float],
+) -> tuple[StatisticsCollector, float]:
+    """The step's measurement pass: every site's moments, and the mean loss of the samples."""
+    start = time.perf_counter()
+    collector = StatisticsCollector(
+        graph, sites, config.folds, config.stat_samples, config.stat_rows_per_sample, config.seed + step
+    )
+    # On the plain graph: a pass without updates needs no DDP.
+    loss = measure(graph, collector, train_loader, loss_fn, device)
+    seconds["statistics"] = time.perf_counter() - start
+    return collector, loss
 
 
 def _write_report(report: GrowthReport, checkpoint: str | Path) -> None:
