@@ -102,8 +102,7 @@ def grow(
     strategy = make_strategy(config.strategy)
     clock = time.perf_counter()
 
-    # From here on the model is the traced graph: it shares every layer with the user's module
-    # (width growth shows in both) and is the only one that can receive new blocks.
+    # From here on the model is the traced graph (see _graph_to_grow).
     graph, saved = _graph_to_grow(user_model, checkpoint, resume, leaf_modules, concrete_args, observer, device)
     sites = _all_sites(graph, config)
     if not sites:
