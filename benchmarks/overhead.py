@@ -160,10 +160,7 @@ def measure(case: Case, args: argparse.Namespace, seeds: int) -> dict[str, Any]:
         "median": {
             "epoch_s": median([r["epoch_s"] for r in repeats]),
             **{f"{part}_s": median([r["seconds"][part] for r in repeats]) for part in PARTS},
-            **{
-                f"ratio_{key}": median([r["ratios"][key] for r in repeats])
-                for key in (*PARTS, "total")
-            },
+            **{f"ratio_{key}": median([r["ratios"][key] for r in repeats]) for key in (*PARTS, "total")},
         },
     }
 

@@ -14,7 +14,7 @@ from growc.graph.rewrite import NewUnits, SiteGrowth, carry_optimizer_state
 from growc.graph.trace import trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
-from growc.growth.step import LineSearchBatch, assess_sites, grow_site
+from growc.growth.step import LineSearchBatch, StepContext, assess_sites, grow_site
 from growc.tiny.site_solution import neurons_raw_gain, solve_site
 from growc.tiny.strategies import make_strategy
 
@@ -130,7 +130,7 @@ def test_tiny_neurons_lower_the_loss_more_than_random_ones():
                 for draw in range(draws):
                     trial = copy.deepcopy(model)
                     generator = torch.Generator().manual_seed(100 * seed + draw)
-                    record, _ = grow_site(trial, a, 2, make_strategy(name), [], batch, config, generator)
+                    record, _ = grow_site(StepContext(trial, make_strategy(name), [], batch, config, generator), a, 2)
                     gains[name].append(record.observed_gain)
             for random_gain in gains["random"]:
                 wins += gains["tiny"][0] > random_gain
@@ -166,4 +166,3 @@ def test_optimizer_state_survives_growth():
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
     assert model.state_dict()[f"{site.producer}.weight"].shape == (6, 8)
-

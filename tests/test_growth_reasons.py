@@ -10,7 +10,14 @@ from growc.graph.candidates import find_width_sites
 from growc.graph.trace import trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
-from growc.growth.step import LineSearchBatch, allocate_with_reasons, assess_sites, grow_site, not_allocated_records
+from growc.growth.step import (
+    LineSearchBatch,
+    StepContext,
+    allocate_with_reasons,
+    assess_sites,
+    grow_site,
+    not_allocated_records,
+)
 from growc.tiny.strategies import make_strategy
 
 
@@ -52,6 +59,12 @@ def test_sites_left_out_by_the_budget_say_so(measured):
     assert set(reasons) == {a.site.name for a in assessments if counts.get(a.site.name, 0) < a.significant}
 
 
+def _context(graph, strategy: str, batch) -> StepContext:
+    """One site's growth alone: the neurons without the consumers' update."""
+    config = GrowthConfig(update_existing=False)
+    return StepContext(graph, make_strategy(strategy), [], batch, config, torch.Generator().manual_seed(0))
+
+
 def test_a_line_search_that_keeps_zero_says_what_it_tried(measured, monkeypatch):
     graph, assessments, batch = measured
     real_search = step_module.line_search
@@ -63,8 +76,9 @@ def test_a_line_search_that_keeps_zero_says_what_it_tried(measured, monkeypatch)
 
     monkeypatch.setattr(step_module, "line_search", keeps_zero)
     record, undo = grow_site(
-        graph, assessments[0], 1, make_strategy("tiny"), [], batch, GrowthConfig(update_existing=False),
-        torch.Generator().manual_seed(0),
+        _context(graph, "tiny", batch),
+        assessments[0],
+        1,
     )
     undo()
     assert record.neurons == 0 and record.gamma == 0.0
@@ -76,8 +90,9 @@ def test_a_site_that_grows_as_asked_gives_no_reason(measured):
     graph, assessments, batch = measured
     a = assessments[0]
     record, undo = grow_site(
-        graph, a, a.significant, make_strategy("random"), [], batch, GrowthConfig(update_existing=False),
-        torch.Generator().manual_seed(0),
+        _context(graph, "random", batch),
+        a,
+        a.significant,
     )
     undo()
     assert (record.neurons == a.significant) == (record.reason is None), record
@@ -95,7 +110,9 @@ def test_the_significance_numbers_are_reported_and_name_what_stopped_the_run(mea
         assert z == GrowthConfig().significance_z
         assert (mean > z * error and mean > 0) == (a.significant > 0)  # the numbers are the test's
         bottlenecks[a.site.name] = summary
-    record = StepRecord(step=0, params=0, train_loss=0.0, val_loss=0.0, val_accuracy=None, widths={}, bottlenecks=bottlenecks)
+    record = StepRecord(
+        step=0, params=0, train_loss=0.0, val_loss=0.0, val_accuracy=None, widths={}, bottlenecks=bottlenecks
+    )
     text = _last_tests(record)
     for name, s in bottlenecks.items():
         assert f"{name}: first neuron's held-out alignment {s['held_out_alignment']:.3g}" in text

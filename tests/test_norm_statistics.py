@@ -8,7 +8,7 @@ from growc.graph.candidates import find_width_sites
 from growc.graph.trace import trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
-from growc.growth.step import LineSearchBatch, assess_sites, grow_site
+from growc.growth.step import LineSearchBatch, StepContext, assess_sites, grow_site
 from growc.tiny.strategies import make_strategy
 
 
@@ -49,7 +49,11 @@ def test_new_batchnorm_channels_start_with_the_statistics_of_their_units():
     graph.eval()
     (assessment,) = assess_sites(graph, [site], collector.accumulators, GrowthConfig(update_existing=False))
     batch = LineSearchBatch([x[:128]], y[:128], F.cross_entropy)
-    grow_site(graph, assessment, 2, make_strategy("tiny"), [], batch, GrowthConfig(), torch.Generator().manual_seed(0))
+    grow_site(
+        StepContext(graph, make_strategy("tiny"), [], batch, GrowthConfig(), torch.Generator().manual_seed(0)),
+        assessment,
+        2,
+    )
     grown = graph.get_submodule("bn").num_features - 4
     assert grown > 0, "the site grew"
     new = slice(4, 4 + grown)

@@ -147,7 +147,7 @@ def test_zoo_growth_with_real_neurons_lowers_the_training_loss(cls):
     amplitude, never raises the loss, and at least one site of every model lowers it."""
     from growc.growth.collector import StatisticsCollector
     from growc.growth.config import GrowthConfig
-    from growc.growth.step import LineSearchBatch, assess_sites, grow_site
+    from growc.growth.step import LineSearchBatch, StepContext, assess_sites, grow_site
     from growc.tiny.strategies import make_strategy
 
     torch.manual_seed(1)
@@ -171,7 +171,9 @@ def test_zoo_growth_with_real_neurons_lowers_the_training_loss(cls):
     before = batch.loss(graph)
     gains = {}
     for a in assess_sites(graph, sites, collector.accumulators, config):
-        _, undo = grow_site(graph, a, 2, make_strategy("tiny"), [], batch, config, torch.Generator().manual_seed(0))
+        _, undo = grow_site(
+            StepContext(graph, make_strategy("tiny"), [], batch, config, torch.Generator().manual_seed(0)), a, 2
+        )
         gains[a.site.name] = before - batch.loss(graph)
         # The user's module grew in place with the graph (lifted F.linear and root Parameters
         # included): the same outputs, and every Parameter of the user's at the graph's shape.

@@ -19,10 +19,10 @@ from growc.deploy.parity import RELATIVE_TOLERANCE, compare
 from growc.deploy.standalone import write_standalone  # write_standalone: the next step
 from growc.errors import GrowcError
 from growc.graph.candidates import find_width_sites
+from growc.graph.handlers import batchnorm_folds_into, handler_for
 from growc.graph.trace import trace
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Identity at inference: removed so that neither ONNX nor the standalone file carries them.
 _NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -91,15 +91,8 @@ def _fold_batch_norms(gm: fx.GraphModule, ranks: dict[str, int] | None) -> None:
 
 
 def _foldable(layer: nn.Module, bn: nn.Module, source: fx.Node, ranks: dict[str, int] | None) -> bool:
-    if isinstance(layer, _CONVS):
-        # Conv{k}d outputs (N, C, ...) and every BatchNorm normalizes dim 1: the channels.
-        return layer.out_channels == bn.num_features
-    if isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
-        # BatchNorm1d normalizes dim 1, which is the Linear's feature dim only for 2-D outputs.
-        if layer.out_features != bn.num_features:
-            return False
-        return ranks is None or ranks.get(source.name) == 2
-    return False
+    rank = None if ranks is None else ranks.get(source.name, -1)  # -1: not propagated, do not assume
+    return batchnorm_folds_into(layer, bn, rank)
 
 
 def _fold(layer: nn.Module, bn: nn.Module) -> None:
@@ -118,63 +111,27 @@ def _fold(layer: nn.Module, bn: nn.Module) -> None:
     layer.bias = nn.Parameter(new_bias.to(dtype), requires_grad=False)
 
 
-def _unit_columns(consumer: nn.Module, units: int, spatial: int) -> Tensor:
-    """The consumer's weights grouped by hidden unit: (units, everything the unit feeds)."""
-    w = consumer.weight.detach()
-    if isinstance(consumer, nn.Linear):  # columns j*spatial .. (j+1)*spatial-1 read unit j
-        return w.reshape(w.shape[0], units, spatial).transpose(0, 1).reshape(units, -1)
-    return w.transpose(0, 1).reshape(units, -1)  # conv: input channel j, every output and tap
-
-
-def _keep_inputs(consumer: nn.Module, keep: Tensor, spatial: int) -> None:
-    w = consumer.weight.detach()
-    if isinstance(consumer, nn.Linear):
-        columns = (keep[:, None] * spatial + torch.arange(spatial)).flatten()
-        consumer.weight = nn.Parameter(w[:, columns].clone(), requires_grad=False)
-        consumer.in_features = len(columns)
-    else:
-        consumer.weight = nn.Parameter(w[:, keep].clone(), requires_grad=False)
-        consumer.in_channels = len(keep)
-
-
-def _keep_outputs(producer: nn.Module, keep: Tensor) -> None:
-    producer.weight = nn.Parameter(producer.weight.detach()[keep].clone(), requires_grad=False)
-    if producer.bias is not None:
-        producer.bias = nn.Parameter(producer.bias.detach()[keep].clone(), requires_grad=False)
-    if isinstance(producer, nn.Linear):
-        producer.out_features = len(keep)
-    else:
-        producer.out_channels = len(keep)
-
-
 def _drop_dead_neurons(gm: fx.GraphModule) -> None:
     """Between a site's producer and its consumers every op acts on each unit alone (activation,
     per-channel pooling, flatten), so a unit whose weights are zero in every consumer cannot change
     the output: remove its output from the producer and its inputs from the consumers."""
-    layers = (nn.Linear, nn.Conv2d)
     for site in find_width_sites(gm).sites:
-        if not site.is_chain:
-            continue  # tied layers (residual streams, concatenations, carriers) keep all their units
+        if not site.is_chain or site.norm:
+            continue  # tied layers (streams, concatenations, carriers) and unfolded BatchNorms keep every unit
         producer, consumers = site.modules(gm)
-        if site.norm or not all(type(m) in layers for m in [producer, *consumers]):
-            continue  # a BatchNorm left in the path (not foldable) would need its entries cut too
-        if isinstance(producer, nn.Conv2d) and producer.groups != 1:
-            continue
-        if any(isinstance(c, nn.Conv2d) and c.groups != 1 for c in consumers):
-            continue
         units = producer.weight.shape[0]
         spatial = site.spatial_size(gm)
         alive = torch.zeros(units, dtype=torch.bool)
         for consumer in consumers:
-            alive |= (_unit_columns(consumer, units, spatial) != 0).any(dim=1)
+            alive |= (handler_for(consumer).unit_columns(consumer, units, spatial) != 0).any(dim=1)
         if bool(alive.all()):
             continue
         if not bool(alive.any()):
             alive[0] = True  # keep one unit: zero-width layers are not portable
         keep = alive.nonzero().flatten()
-        _keep_outputs(producer, keep)
+        handler_for(producer).keep_outputs(producer, keep)
         for consumer in consumers:
-            _keep_inputs(consumer, keep, spatial)
+            handler_for(consumer).keep_inputs(consumer, keep, spatial)
 
 
 def check_same_outputs(

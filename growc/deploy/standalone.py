@@ -231,7 +231,9 @@ def write_standalone(
         with torch.no_grad():
             parity = compare(model(*example_inputs), rebuilt(*example_inputs))
         if not parity.within(1e-5):  # the same ops on the same weights: only summation order may differ
-            raise ExportError(f"the standalone model.py differs from the model ({parity.describe()}): it was not written")
+            raise ExportError(
+                f"the standalone model.py differs from the model ({parity.describe()}): it was not written"
+            )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"growc": growc.__version__}))

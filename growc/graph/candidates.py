@@ -11,18 +11,30 @@ writers K zero outputs, each carrier K pass-through entries, and every reader K 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from growc.graph.coupling import Group, Ungrowable, Value, find_group, trace_values
-from growc.graph.handlers import DEPTHWISE, handler_for, is_depthwise, owner_of
+from growc.graph.handlers import (
+    channel_handler_for,
+    handler_for,
+    is_batchnorm,
+    is_depthwise,
+    is_feature_map_layer,
+    is_growable_type,
+    owner_of,
+    unsupported_conv,
+)
+from growc.graph.rewrite import NewUnits, SiteGrowth
+from growc.graph.samples import consumer_rows, producer_rows, sampled_conv_rows
+from growc.graph.site import PositionSampler, Recorded, Rows, Taps
 from growc.graph.trace import module_of
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class WidthSite:
+    """A hidden dimension that can take more units (see `growc.graph.site.Site`)."""
+
     name: str  # the source layer's module path: the site is "the outputs of this layer"
     producer: str  # the source: the layer whose new outputs are the new neurons
     consumers: tuple[str, ...]  # the readers in the statistics (same geometry and path)
@@ -59,6 +73,9 @@ class WidthSite:
     # Attached readers that the new units reach, by geometry: (readers, spatial, pools). Their
     # statistics give them the outgoing weights that fit the neurons once these are chosen.
     reached: tuple[tuple[tuple[str, ...], bool, tuple[tuple, ...]], ...] = ()
+
+    adds_modules: ClassVar[bool] = False  # growth widens existing layers only
+    sign_testable: ClassVar[bool] = True
 
     def reached_sites(self) -> list[WidthSite]:
         """One site per geometry of the attached readers the new units reach, for their
@@ -96,7 +113,7 @@ class WidthSite:
         """The dimension of a broadcast tensor that runs along the units (None: it has size 1
         there, nothing to grow)."""
         tensor = _tensor_at(root, path)
-        conv = isinstance(root.get_submodule(self.producer), nn.Conv2d)
+        conv = is_feature_map_layer(root.get_submodule(self.producer))
         dim = tensor.dim() - (3 if conv else 1)  # (C, 1, 1) against (B, C, H, W); (..., D) against (..., D)
         if dim < 0 or tensor.shape[dim] not in (1, self.width(root)):
             raise Ungrowable(f"the tensor '{path}' of shape {tuple(tensor.shape)} does not line up with the units")
@@ -131,7 +148,7 @@ class WidthSite:
         layer reading a feature map). Default: the consumers'."""
         reader = reader or self.consumers[0]
         module = root.get_submodule(reader)
-        if not (isinstance(module, nn.Linear) and isinstance(root.get_submodule(self.producer), nn.Conv2d)):
+        if is_feature_map_layer(module) or not is_feature_map_layer(root.get_submodule(self.producer)):
             return 1
         slot = self.slot(reader)
         channels = self.width(root) + slot.widths(root, slot.before) + slot.widths(root, slot.after)
@@ -152,10 +169,7 @@ class WidthSite:
             total += handler_for(layer).params_per_output(layer)
         for name in (*((self.norm,) if self.norm else ()), *self.writer_norms, *self.carriers):
             module = root.get_submodule(name)
-            if is_depthwise(module):
-                total += DEPTHWISE.params_per_channel(module)
-            elif getattr(module, "affine", False):
-                total += 2
+            total += channel_handler_for(module).params_per_channel(module)
         for name in self.readers:
             layer = root.get_submodule(name)
             total += handler_for(layer).params_per_input(layer, self.spatial_size(root, name))
@@ -164,6 +178,55 @@ class WidthSite:
             if dim is not None and isinstance(tensor, nn.Parameter):
                 total += tensor.numel() // tensor.shape[dim]
         return total
+
+    def taps(self) -> Taps:
+        return Taps(inputs={self.producer, *self.consumers}, output_grads=set(self.consumers))
+
+    def rows(
+        self, root: nn.Module, recorded: Recorded, batch_size: int, sampler: PositionSampler | None
+    ) -> Rows | None:
+        inputs, grads = recorded.inputs, recorded.output_grads
+        if self.producer not in inputs or any(c not in grads for c in self.consumers):
+            return None
+        if sampler is not None:
+            sampled = sampled_conv_rows(self, root, inputs, grads, batch_size, sampler.positions, sampler.generator)
+            if sampled is not None:
+                return Rows(*sampled, sampled=True)
+        b_prev = producer_rows(self, root, inputs[self.producer])
+        pairs = [consumer_rows(root, c, inputs[c], grads[c], batch_size) for c in self.consumers]
+        return Rows(b_prev, pairs, batch_size)
+
+    def waits_for(self, widened: set[str]) -> str | None:
+        return None  # the statistics of every reader's old inputs still hold
+
+    def unit_scale(self, root: nn.Module, s_prev: torch.Tensor) -> float:
+        """Behind a BatchNorm, the RMS of its weights; else the RMS pre-activation of the
+        producer's units on the statistics."""
+        if self.norm is not None:
+            norm = root.get_submodule(self.norm)
+            if norm.weight is None or norm.weight.numel() == 0:
+                return 1.0
+            return float(norm.weight.detach().double().pow(2).mean().sqrt()) or 1.0
+        producer = root.get_submodule(self.producer)
+        w = handler_for(producer).weight_matrix(producer).to(torch.float64).cpu()
+        if w.shape[0] == 0:
+            return 1.0
+        energy = ((w @ s_prev.cpu()) * w).sum(1).mean()
+        return float(energy.clamp_min(0).sqrt()) or 1.0
+
+    def column_scale(self, root: nn.Module, s_prev: torch.Tensor) -> float:
+        """The consumers' RMS input-column norm."""
+        total, columns = 0.0, 0
+        for name in self.consumers:
+            consumer = root.get_submodule(name)
+            h = handler_for(consumer)
+            w = h.weight_matrix(consumer)[:, : h.in_size(consumer)]
+            total += float((w.double() ** 2).sum())
+            columns = max(columns, w.shape[1])
+        return math.sqrt(total / columns) if columns and total > 0 else 1.0
+
+    def grow(self, root: nn.Module, units: NewUnits) -> SiteGrowth:
+        return SiteGrowth(root, self, units)
 
 
 def _tensor_at(root: nn.Module, path: str) -> torch.Tensor:
@@ -202,30 +265,24 @@ def site_kind(site: WidthSite) -> str:
     return "width"
 
 
-def _geometry(module: nn.Module) -> tuple:
-    if isinstance(module, nn.Conv2d):
-        return ("conv", module.kernel_size, module.stride, module.padding, module.dilation)
-    return ("linear",)
-
-
 def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[WidthSite, int]:
     """The site that grows `group` with new neurons in `source`, and how many readers the
     neurons reach (the others read the group upstream of the source, where the units are 0)."""
     values = trace_values(gm, group, source)
-    conv = isinstance(module_of(gm, source), nn.Conv2d)
-    if any(isinstance(module_of(gm, w), nn.Conv2d) != conv for w in group.writers):
+    conv = is_feature_map_layer(module_of(gm, source))
+    if any(is_feature_map_layer(module_of(gm, w)) != conv for w in group.writers):
         raise Ungrowable("an addition mixes the outputs of convolutions and linear layers")
     classes: dict[tuple, list[tuple[str, Value]]] = {}
     readers: list[str] = []
     for reader, read in group.readers:
         module, value = module_of(gm, reader), values[read]
-        if conv and isinstance(module, nn.Linear) and value.stage != "flat":
+        if conv and not is_feature_map_layer(module) and value.stage != "flat":
             raise Ungrowable(f"'{reader.name}' reads the feature map without flattening it")
-        if not conv and isinstance(module, nn.Conv2d):
+        if not conv and is_feature_map_layer(module):
             raise Ungrowable(f"'{reader.name}' reads a vector as a feature map")
         readers.append(str(reader.target))
         if value.live:
-            key = (_geometry(module), value.stage == "flat", value.pools, value.slot)
+            key = (handler_for(module).geometry(module), value.stage == "flat", value.pools, value.slot)
             classes.setdefault(key, []).append((str(reader.target), value))
     if not classes:
         raise Ungrowable(f"no layer reads what '{source.target}' would add")
@@ -240,7 +297,7 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
     consumers = tuple(name for name, _ in primary)
     value = primary[0][1]
     slope, act = value.slopes[0] if value.slopes else (1.0, "identity")
-    norms = {n: n.args[0] for n in group.nodes if isinstance(module_of(gm, n), _BATCHNORMS)}
+    norms = {n: n.args[0] for n in group.nodes if is_batchnorm(module_of(gm, n))}
     site = WidthSite(
         name=str(source.target),
         producer=str(source.target),
@@ -336,7 +393,7 @@ def find_width_sites(gm: fx.GraphModule) -> CandidateReport:
     carried = {c for site in report.sites for c in site.carriers}
     for node in gm.graph.nodes:
         module = module_of(gm, node)
-        if isinstance(module, nn.Conv2d) and handler_for(module) is None and str(node.target) not in carried:
+        if unsupported_conv(module) and str(node.target) not in carried:
             why = "grouped or non-zero-padded convs are not grown; a depthwise conv grows with the layer feeding it"
             report.skipped.append((str(node.target), why))
         if node.op == "call_function" and node.target in (F.linear, F.conv2d):
@@ -357,10 +414,12 @@ def _unaccounted_layers(gm: fx.GraphModule, report: CandidateReport) -> list[tup
     """A reason for every Linear and Conv2d that no site holds and no reason names yet: those
     inside a module the graph calls whole (attention, the user's opaque modules), or unused."""
     accounted = {name for site in report.sites for name in site.layers} | {name for name, _ in report.skipped}
-    called = {str(n.target): type(gm.get_submodule(str(n.target))).__name__ for n in gm.graph.nodes if n.op == "call_module"}
+    called = {
+        str(n.target): type(gm.get_submodule(str(n.target))).__name__ for n in gm.graph.nodes if n.op == "call_module"
+    }
     reasons = []
     for name, module in gm.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or name in accounted or name in called:
+        if not is_growable_type(module) or name in accounted or name in called:
             continue
         owner = next((c for c in called if name.startswith(c + ".")), None)
         if owner is not None:

@@ -24,13 +24,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from growc.graph.elementwise import activation_name, elementwise_slope
-from growc.graph.handlers import handler_for, is_depthwise
+from growc.graph.handlers import handler_for, is_batchnorm, is_depthwise, unsupported_conv
 from growc.graph.modes import is_mode_flag
 from growc.graph.trace import module_of
 
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _ADDS = {operator.add, torch.add, operator.iadd}
 _MULS = {operator.mul, torch.mul, operator.imul}
 # Not zero at zero: a writer's zero rows would not give zero units through them.
@@ -105,7 +104,10 @@ def pool_spec(gm: fx.GraphModule, node: fx.Node) -> tuple:
         )
         defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
         defaults.update({"count_include_pad": not is_max, "divisor_override": None})
-        settings = {n: node.args[i + 1] if len(node.args) > i + 1 else node.kwargs.get(n, defaults.get(n)) for i, n in enumerate(names)}
+        settings = {
+            n: node.args[i + 1] if len(node.args) > i + 1 else node.kwargs.get(n, defaults.get(n))
+            for i, n in enumerate(names)
+        }
         settings.setdefault("dilation", 1)
         settings.setdefault("divisor_override", None)
         settings.setdefault("count_include_pad", False)
@@ -116,14 +118,20 @@ def pool_spec(gm: fx.GraphModule, node: fx.Node) -> tuple:
     if settings["divisor_override"] is not None:
         raise Ungrowable(f"the pooling '{node.name}' overrides its divisor, which growc's statistics cannot follow")
     return window(
-        settings["kernel_size"], settings["stride"], settings["padding"], settings["ceil_mode"], settings["count_include_pad"]
+        settings["kernel_size"],
+        settings["stride"],
+        settings["padding"],
+        settings["ceil_mode"],
+        settings["count_include_pad"],
     )
 
 
 def _adaptive(node: fx.Node, size) -> tuple:
     size = _pair(size)
     if any(not isinstance(v, int) for v in size):
-        raise Ungrowable(f"the adaptive pooling '{node.name}' keeps a dimension as it is (None), which growc cannot follow")
+        raise Ungrowable(
+            f"the adaptive pooling '{node.name}' keeps a dimension as it is (None), which growc cannot follow"
+        )
     return ("adaptive", size)
 
 
@@ -203,7 +211,7 @@ def _only_input(user: fx.Node, node: fx.Node) -> bool:
 def _carries_units(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An op that maps each unit to itself, alone: an element-wise op, a BatchNorm, a depthwise conv."""
     module = module_of(gm, node)
-    return isinstance(module, _BATCHNORMS) or is_depthwise(module) or elementwise_slope(gm, node)[0]
+    return is_batchnorm(module) or is_depthwise(module) or elementwise_slope(gm, node)[0]
 
 
 class _Walk:
@@ -269,7 +277,7 @@ class _Walk:
         if _carries_units(self.gm, user) or is_pool(self.gm, user) or is_flatten(self.gm, user) or is_global_mean(user):
             self._add_member(user)
             return
-        if isinstance(module, nn.Conv2d):
+        if unsupported_conv(module):
             raise Ungrowable(f"it is read by the grouped or padded conv '{user.name}', which growc cannot widen")
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
             raise Ungrowable(
@@ -389,7 +397,7 @@ def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Gro
     elif is_depthwise(module):
         if module.stride != (1, 1):
             pools = (*pools, window(1, module.stride))  # its centre tap subsamples
-    elif not _is_add(node) and not isinstance(module, _BATCHNORMS):
+    elif not _is_add(node) and not is_batchnorm(module):
         slope = elementwise_slope(gm, node)[1]
         if slope is not None:
             slopes = (*slopes, (slope, activation_name(gm, node)))

@@ -15,13 +15,21 @@ exports and serializes like any user layer.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from growc.graph.handlers import TensorSwap, handler_for, is_plain_conv
+from growc.graph.handlers import TensorSwap, handler_for, is_feature_map_layer
+from growc.graph.samples import patches_at, rows_at, sample_positions, with_ones
+from growc.graph.site import PositionSampler, Recorded, Rows, Taps
 from growc.graph.trace import module_of
+
+if TYPE_CHECKING:
+    from growc.graph.rewrite import NewUnits
 
 DEPTH_PREFIX = "growc_depth"
 BLOCK_KERNEL = 3
@@ -30,21 +38,23 @@ BLOCK_ACTIVATIONS: dict[str, type[nn.Module]] = {"ReLU": nn.ReLU, "Tanh": nn.Tan
 
 @dataclass(frozen=True)
 class DepthSite:
+    """The edge into `consumer`, where a new residual block can go (see `growc.graph.site.Site`).
+    No existing layer reads or writes the block's units: it has no consumers and no readers, and
+    its growth adds modules to the graph."""
+
     name: str  # "depth:<consumer>"
     consumer: str  # the layer whose input the new block would transform
     conv: bool
     activation: str = "ReLU"
     slope_at_zero: float = 0.5
-    norm: None = None
-    spatial: bool = False
 
-    @property
-    def producer(self) -> str:  # the block's input layer does not exist yet
-        return ""
-
-    @property
-    def consumers(self) -> tuple[str, ...]:
-        return ()
+    consumers: ClassVar[tuple[str, ...]] = ()
+    readers: ClassVar[tuple[str, ...]] = ()
+    layers: ClassVar[tuple[str, ...]] = ()  # the block is new: no existing module changes
+    inserts_between: ClassVar[tuple[str, ...]] = ()
+    adds_modules: ClassVar[bool] = True
+    # The sign test replays a producer's inputs; the block's input layer does not exist yet.
+    sign_testable: ClassVar[bool] = False
 
     def channels(self, root: nn.Module) -> int:
         consumer = root.get_submodule(self.consumer)
@@ -61,6 +71,54 @@ class DepthSite:
         taps = BLOCK_KERNEL * BLOCK_KERNEL if self.conv else 1
         return d * taps + 1 + d
 
+    def reached_sites(self) -> list:
+        return []
+
+    def taps(self) -> Taps:
+        return Taps(inputs={self.consumer}, input_grads={self.consumer})
+
+    def rows(
+        self, root: nn.Module, recorded: Recorded, batch_size: int, sampler: PositionSampler | None
+    ) -> Rows | None:
+        """b' is what the block's input layer would read (3x3 patches of the map, or the vector)
+        and the block's output layer has no inputs yet, so b is empty and its whole desired
+        update is -g at the edge."""
+        x, grad = recorded.inputs.get(self.consumer), recorded.input_grads.get(self.consumer)
+        if x is None or grad is None:
+            return None
+        chosen = sample_positions(grad, sampler.positions, sampler.generator) if self.conv and sampler else None
+        if chosen is not None:
+            rows, cols, share = chosen
+            pad = BLOCK_KERNEL // 2
+            b_prev = patches_at(x, (BLOCK_KERNEL,) * 2, (1, 1), (pad, pad), (1, 1), rows, cols)
+            g = rows_at(grad, rows, cols) * batch_size
+            empty = b_prev.new_zeros(b_prev.shape[0], 0)
+            return Rows(with_ones(b_prev), [(empty, g)], batch_size * share, sampled=True)
+        if self.conv:
+            patches = F.unfold(x, BLOCK_KERNEL, padding=BLOCK_KERNEL // 2)
+            b_prev = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            g = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
+        else:
+            b_prev = x.reshape(-1, x.shape[-1])
+            g = grad.reshape(-1, grad.shape[-1])
+        return Rows(with_ones(b_prev), [(b_prev.new_zeros(b_prev.shape[0], 0), g * batch_size)], batch_size)
+
+    def waits_for(self, widened: set[str]) -> str | None:
+        if self.consumer in widened:
+            return f"the width of '{self.consumer}' changed in this step: a block there waits a step"
+        return None
+
+    def unit_scale(self, root: nn.Module, s_prev: Tensor) -> float:
+        return 1.0  # the block's units are pre-activations of unit size
+
+    def column_scale(self, root: nn.Module, s_prev: Tensor) -> float:
+        """The RMS of the edge's values: at gamma = 1 the block adds a term as large as its input."""
+        rms = float(torch.diagonal(s_prev)[:-1].clamp_min(0).mean().sqrt())
+        return rms or 1.0
+
+    def grow(self, root: nn.Module, units: NewUnits) -> DepthGrowth:
+        return DepthGrowth(root, self, units.rows, units.bias, units.omega)
+
 
 def find_depth_edges(gm: fx.GraphModule) -> list[DepthSite]:
     """Edges into a growable layer that carry a tensor only that layer reads."""
@@ -72,10 +130,9 @@ def find_depth_edges(gm: fx.GraphModule) -> list[DepthSite]:
         x = node.args[0]
         if x.op == "placeholder" or len(x.users) != 1:
             continue
-        conv = isinstance(module, nn.Conv2d)
-        if conv and not is_plain_conv(module):
-            continue
-        edges.append(DepthSite(name=f"depth:{node.target}", consumer=str(node.target), conv=conv))
+        edges.append(
+            DepthSite(name=f"depth:{node.target}", consumer=str(node.target), conv=is_feature_map_layer(module))
+        )
     return edges
 
 
@@ -145,3 +202,6 @@ class DepthGrowth:
 
     def new_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules.values() for p in m.parameters()]
+
+    def calibrate(self, run_eval: Callable[[], None]) -> None:
+        """Nothing to measure: the block has no normalization."""

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from growc.graph.handlers import WEIGHT_LAYERS, layer_multiply_adds
+
 
 def multiply_adds(model: nn.Module, example_inputs: Sequence[Tensor]) -> int:
     """Multiply-adds of the Linear and Conv layers for one sample, counted by forward hooks."""
@@ -14,14 +16,9 @@ def multiply_adds(model: nn.Module, example_inputs: Sequence[Tensor]) -> int:
 
     def count(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
-        else:  # each output value of a conv sums (in_channels / groups) * kernel volume products
-            kernel = module.weight[0].numel()
-            total += output.numel() * kernel
+        total += layer_multiply_adds(module, output)
 
-    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, layers)]
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
     training = model.training
     try:
         with torch.no_grad():

@@ -1,8 +1,17 @@
-"""One handler per growable layer type: how to read its samples and how to widen it.
+"""Everything growc knows about layer types, in one registry.
 
-Supporting a new layer type means adding one handler here. Widening keeps the module object and
-swaps its Parameters (so user references and the traced graph stay valid); every swap is returned
-as a `TensorSwap` so the caller can carry optimizer state over or undo it.
+Two kinds of handlers:
+  - a `LayerHandler` for each layer `a = W b` whose units can grow (Linear, Conv2d): its
+    geometry, how its samples are read, how it widens and shrinks, its multiply-adds;
+  - a `ChannelHandler` for each per-channel layer a site's units pass through (BatchNorm, a
+    depthwise conv): one new entry per unit that lets the unit through unchanged.
+Both are matched by `isinstance` (a subclass is handled when it keeps the layer's `forward`).
+Supporting a new layer type means adding one handler here and listing it in `LAYERS` or
+`CHANNELS`; the rest of growc asks `handler_for` / `channel_handler_for` and never checks types.
+
+Widening keeps the module object and swaps its Parameters (so user references and the traced
+graph stay valid); every swap is returned as a `TensorSwap` so the caller can carry optimizer
+state over or undo it.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +130,33 @@ def extend(module: nn.Module, attr: str, extra: Tensor, dim: int, at: int | None
 class LayerHandler(ABC):
     """A layer `a = W b` whose inputs and outputs can grow; `b` is its input, unfolded for convs."""
 
+    layer_type: ClassVar[type[nn.Module]]
+    feature_map: ClassVar[bool] = False  # its units are channels of a feature map (else vector features)
+
+    def accepts(self, layer: nn.Module) -> bool:
+        """Whether this handler grows `layer` (an instance of `layer_type`): a subclass that
+        replaces `forward` computes something else and is left alone."""
+        return type(layer).forward is self.layer_type.forward
+
+    @abstractmethod
+    def geometry(self, layer: nn.Module) -> tuple:
+        """What readers must share to be measured together (kernel, stride... for a conv)."""
+
+    @abstractmethod
+    def unit_columns(self, layer: nn.Module, units: int, spatial: int) -> Tensor:
+        """The weights reading each input unit: (units, everything the unit feeds)."""
+
+    @abstractmethod
+    def keep_inputs(self, layer: nn.Module, keep: Tensor, spatial: int) -> None:
+        """Shrink to the input units `keep` (frozen Parameters)."""
+
+    def keep_outputs(self, layer: nn.Module, keep: Tensor) -> None:
+        """Shrink to the output units `keep` (frozen Parameters)."""
+        layer.weight = nn.Parameter(layer.weight.detach()[keep].clone(), requires_grad=False)
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.detach()[keep].clone(), requires_grad=False)
+        self.sync_sizes(layer)
+
     @abstractmethod
     def in_size(self, layer: nn.Module) -> int: ...
 
@@ -183,6 +220,20 @@ class LayerHandler(ABC):
 
 
 class LinearHandler(LayerHandler):
+    layer_type = nn.Linear
+
+    def geometry(self, layer: nn.Linear) -> tuple:
+        return ("linear",)
+
+    def unit_columns(self, layer: nn.Linear, units: int, spatial: int) -> Tensor:
+        w = layer.weight.detach()  # columns j*spatial .. (j+1)*spatial-1 read unit j
+        return w.reshape(w.shape[0], units, spatial).transpose(0, 1).reshape(units, -1)
+
+    def keep_inputs(self, layer: nn.Linear, keep: Tensor, spatial: int) -> None:
+        columns = (keep[:, None] * spatial + torch.arange(spatial)).flatten()
+        layer.weight = nn.Parameter(layer.weight.detach()[:, columns].clone(), requires_grad=False)
+        self.sync_sizes(layer)
+
     def in_size(self, layer: nn.Linear) -> int:
         return layer.in_features
 
@@ -226,6 +277,27 @@ class Conv2dHandler(LayerHandler):
     channel at exactly one producer position, and the TINY solution for it is exact. Training
     fills in the other taps afterwards.
     """
+
+    layer_type = nn.Conv2d
+    feature_map = True
+
+    def accepts(self, layer: nn.Conv2d) -> bool:
+        return (
+            super().accepts(layer)
+            and layer.groups == 1
+            and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str)
+        )
+
+    def geometry(self, layer: nn.Conv2d) -> tuple:
+        return ("conv", layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+
+    def unit_columns(self, layer: nn.Conv2d, units: int, spatial: int) -> Tensor:
+        return layer.weight.detach().transpose(0, 1).reshape(units, -1)  # input channel j, every output and tap
+
+    def keep_inputs(self, layer: nn.Conv2d, keep: Tensor, spatial: int) -> None:
+        layer.weight = nn.Parameter(layer.weight.detach()[:, keep].clone(), requires_grad=False)
+        self.sync_sizes(layer)
 
     def in_size(self, layer: nn.Conv2d) -> int:
         return layer.in_channels
@@ -293,7 +365,8 @@ def is_depthwise(module: nn.Module) -> bool:
     """A depthwise conv that maps each channel to itself, position for position at its centre tap
     (odd kernel, zero "same" padding): a new channel can pass through it unchanged."""
     return (
-        type(module) is nn.Conv2d
+        isinstance(module, nn.Conv2d)
+        and type(module).forward is nn.Conv2d.forward
         and module.groups == module.in_channels == module.out_channels
         and module.groups > 1  # one channel, one group: a plain conv
         and module.padding_mode == "zeros"
@@ -303,28 +376,29 @@ def is_depthwise(module: nn.Module) -> bool:
     )
 
 
-def is_plain_conv(module: nn.Module) -> bool:
-    return (
-        type(module) is nn.Conv2d
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
+class ChannelHandler(ABC):
+    """A per-channel layer that a site's units pass through: it grows one entry per unit."""
+
+    @abstractmethod
+    def matches(self, module: nn.Module) -> bool: ...
+
+    @abstractmethod
+    def grow_pass_through(self, module: nn.Module, count: int, at: int | None = None) -> list[TensorSwap]:
+        """`count` entries that let new units through (nearly) unchanged, inserted before channel
+        `at` (default: appended)."""
+
+    @abstractmethod
+    def params_per_channel(self, module: nn.Module) -> int: ...
+
+    @abstractmethod
+    def sync_sizes(self, module: nn.Module) -> None: ...
 
 
-_HANDLERS: dict[type, LayerHandler] = {nn.Linear: LinearHandler(), nn.Conv2d: Conv2dHandler()}
-
-
-def handler_for(module: nn.Module | None) -> LayerHandler | None:
-    if module is None:
-        return None
-    if isinstance(module, nn.Conv2d) and not is_plain_conv(module):
-        return None
-    return _HANDLERS.get(type(module))
-
-
-class BatchNormHandler:
+class BatchNormHandler(ChannelHandler):
     """BatchNorm tied to a site: grows with it, one entry per new channel."""
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
     def grow(
         self,
@@ -348,20 +422,27 @@ class BatchNormHandler:
         self.sync_sizes(bn)
         return swaps
 
+    def grow_pass_through(self, module: nn.Module, count: int, at: int | None = None) -> list[TensorSwap]:
+        """Weight 1, bias 0, the statistics of a zero-mean, unit-variance input."""
+        return self.grow(module, count, torch.zeros(count), torch.ones(count), weight=1.0, at=at)
+
+    def params_per_channel(self, module: nn.Module) -> int:
+        return 2 if module.affine else 0
+
     def sync_sizes(self, bn: nn.Module) -> None:
         source = bn.weight if bn.weight is not None else bn.running_mean
         bn.num_features = source.shape[0]
 
 
-BATCHNORM = BatchNormHandler()
-
-
-class DepthwiseHandler:
+class DepthwiseHandler(ChannelHandler):
     """A depthwise conv that carries a site's units: one new channel per unit, whose kernel is
     the identity (1 at the centre tap) with zero bias, so the unit passes through unchanged and
     training shapes the kernel afterwards."""
 
-    def grow(self, layer: nn.Conv2d, count: int, at: int | None = None) -> list[TensorSwap]:
+    def matches(self, module: nn.Module) -> bool:
+        return is_depthwise(module)
+
+    def grow_pass_through(self, layer: nn.Conv2d, count: int, at: int | None = None) -> list[TensorSwap]:
         """`count` identity channels inserted before channel `at` (default: appended)."""
         kernel = layer.weight.new_zeros(count, 1, *layer.kernel_size)
         th, tw = centre_tap(layer)
@@ -379,13 +460,75 @@ class DepthwiseHandler:
         return layer.kernel_size[0] * layer.kernel_size[1] + int(layer.bias is not None)
 
 
+BATCHNORM = BatchNormHandler()
 DEPTHWISE = DepthwiseHandler()
+
+#: The registry: every layer type growc grows, and every per-channel type it grows through.
+LAYERS: tuple[LayerHandler, ...] = (LinearHandler(), Conv2dHandler())
+CHANNELS: tuple[ChannelHandler, ...] = (BATCHNORM, DEPTHWISE)
+
+#: Layers that hold weights for a cost count (growable or not: grouped convs, 1-D and 3-D convs).
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def handler_for(module: nn.Module | None) -> LayerHandler | None:
+    """The handler that grows `module`'s units, or None."""
+    if module is None:
+        return None
+    return next((h for h in LAYERS if isinstance(module, h.layer_type) and h.accepts(module)), None)
+
+
+def channel_handler_for(module: nn.Module | None) -> ChannelHandler | None:
+    """The handler of a per-channel layer a site's units can pass through, or None."""
+    if module is None:
+        return None
+    return next((h for h in CHANNELS if h.matches(module)), None)
+
+
+def is_feature_map_layer(module: nn.Module | None) -> bool:
+    """A growable layer whose units are channels of a feature map (a conv)."""
+    handler = handler_for(module)
+    return handler is not None and handler.feature_map
+
+
+def is_batchnorm(module: nn.Module | None) -> bool:
+    return module is not None and BATCHNORM.matches(module)
+
+
+def is_growable_type(module: nn.Module | None) -> bool:
+    """An instance of a layer type growc grows, whether or not this one can (a grouped conv)."""
+    return isinstance(module, tuple(h.layer_type for h in LAYERS))
+
+
+def unsupported_conv(module: nn.Module | None) -> bool:
+    """A conv of a growable type that no handler takes (grouped, or not zero-padded)."""
+    return isinstance(module, nn.Conv2d) and handler_for(module) is None
+
+
+def layer_multiply_adds(module: nn.Module, output: Tensor) -> int:
+    """Multiply-adds of one call of a weight layer producing `output`."""
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    return output.numel() * module.weight[0].numel()  # a conv: (in_channels / groups) * kernel volume each
+
+
+def batchnorm_folds_into(layer: nn.Module, bn: nn.Module, output_rank: int | None) -> bool:
+    """Whether `bn` right after `layer` normalizes exactly `layer`'s output units, so that it
+    can be folded into its weights (`output_rank`: the layer output's rank, None if unknown)."""
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        # Conv{k}d outputs (N, C, ...) and every BatchNorm normalizes dim 1: the channels.
+        return layer.out_channels == bn.num_features
+    if isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
+        # BatchNorm1d normalizes dim 1, which is the Linear's feature dim only for 2-D outputs.
+        return layer.out_features == bn.num_features and output_rank in (None, 2)
+    return False
 
 
 def sync_sizes(module: nn.Module) -> None:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    """Size attributes follow the weight's shape after a swap or its undo."""
+    if BATCHNORM.matches(module):
         BATCHNORM.sync_sizes(module)
     elif is_depthwise(module) or (isinstance(module, nn.Conv2d) and module.groups > 1):
-        DEPTHWISE.sync_sizes(module)
-    elif (h := _HANDLERS.get(type(module))) is not None:
+        DEPTHWISE.sync_sizes(module)  # mid-undo its sizes disagree with its weight: not "depthwise" yet
+    elif (h := handler_for(module)) is not None:
         h.sync_sizes(module)

@@ -84,7 +84,10 @@ def _flag_positions(train_node: fx.Node, eval_node: fx.Node) -> tuple[int | str,
     a, b = train_node, eval_node
     if (a.op, a.target, len(a.args), a.kwargs.keys()) != (b.op, b.target, len(b.args), b.kwargs.keys()):
         return None
-    pairs = [*((i, x, y) for i, (x, y) in enumerate(zip(a.args, b.args))), *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
+    pairs = [
+        *((i, x, y) for i, (x, y) in enumerate(zip(a.args, b.args))),
+        *((k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs),
+    ]
     flags = []
     for key, x, y in pairs:
         if x is True and y is False:

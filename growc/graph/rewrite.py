@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from growc.graph.candidates import WidthSite
 from growc.graph.handlers import (
     BATCHNORM,
-    DEPTHWISE,
     TensorSwap,
+    channel_handler_for,
     extend,
     handler_for,
-    is_depthwise,
     owner_of,
     sync_sizes,
 )
+
+if TYPE_CHECKING:
+    from growc.graph.candidates import WidthSite
 
 
 @dataclass
@@ -58,7 +60,7 @@ class SiteGrowth:
     def __init__(self, root: nn.Module, site: WidthSite, units: NewUnits) -> None:
         self.site = site
         self.count = k = units.count
-        producer = root.get_submodule(site.producer)
+        self._producer = producer = root.get_submodule(site.producer)
         p_handler = handler_for(producer)
         # Where each reader takes the new units, read before anything grows (offsets and the
         # features per channel depend on the current widths).
@@ -119,7 +121,7 @@ class SiteGrowth:
     def _grow_tied(self, root: nn.Module, k: int, ref: Tensor, entries_at: dict[str, int | None]) -> None:
         """The other writers (zero rows), their BatchNorms and the carriers (pass-through entries,
         at the units' offset where a concatenation put them among others)."""
-        zeros, ones = ref.new_zeros(k), ref.new_ones(k)
+        zeros = ref.new_zeros(k)
         for name in self.site.writers:
             writer = root.get_submodule(name)
             handler = handler_for(writer)
@@ -127,11 +129,7 @@ class SiteGrowth:
             self.swaps += handler.grow_out(writer, ref.new_zeros(k, flat_in), zeros)
         for name in (*self.site.writer_norms, *self.site.carriers):
             module = root.get_submodule(name)
-            at = entries_at.get(name)
-            if is_depthwise(module):
-                self.swaps += DEPTHWISE.grow(module, k, at)
-            else:  # a BatchNorm: weight 1, bias 0, statistics of a unit-variance, zero-mean input
-                self.swaps += BATCHNORM.grow(module, k, zeros, ones, weight=1.0, at=at)
+            self.swaps += channel_handler_for(module).grow_pass_through(module, k, entries_at.get(name))
 
     @staticmethod
     def _grow_reader(reader: nn.Module, omega: Tensor, place: tuple[int | None, int]) -> tuple[TensorSwap, Tensor]:
@@ -169,6 +167,36 @@ class SiteGrowth:
     @property
     def parameter_swaps(self) -> list[TensorSwap]:
         return [s for s in self.swaps if s.is_parameter]
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return []  # every grown tensor replaces an existing one (see parameter_swaps)
+
+    @torch.no_grad()
+    def calibrate(self, run_eval: Callable[[], None]) -> None:
+        """Give the new channels of the BatchNorm after the producer the running statistics of
+        what they actually produce on the line-search samples. The solver's estimate comes from
+        rows aligned with the consumers' outputs (pooled windows averaged, a few positions
+        sampled), which can be far from what the BatchNorm sees at every position: 0.77 against
+        21 for a stem conv feeding a max pool. The new rows are not scaled by the amplitude behind
+        a BatchNorm, so the statistics hold for every amplitude the line search tries."""
+        if self._norm_module is None:
+            return
+        new = slice(handler_for(self._producer).out_size(self._producer) - self.count, None)
+        seen: list[Tensor] = []
+
+        def keep_new_channels(module: nn.Module, args: tuple, output: Tensor) -> None:
+            seen.append(output[:, new].detach().transpose(0, 1).reshape(self.count, -1).double())
+
+        self.set_amplitude(0.0)  # writes the new rows (unscaled behind the norm); the function is unchanged
+        hook = self._producer.register_forward_hook(keep_new_channels)
+        try:
+            run_eval()  # eval: no running statistics move, no dropout
+        finally:
+            hook.remove()
+        if not seen or seen[0].shape[1] < 2:
+            return
+        values = seen[0]
+        self.set_norm_statistics(values.mean(1), values.var(1).clamp_min(1e-12))  # unbiased, as BatchNorm keeps it
 
 
 _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # Adam, AdamW, AMSGrad

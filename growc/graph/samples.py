@@ -14,18 +14,21 @@ the first-order prediction.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from growc.graph.candidates import WidthSite
-from growc.graph.depth import BLOCK_KERNEL, DepthSite
-from growc.graph.handlers import Conv2dHandler, centre_tap, conv_output_size, handler_for
+from growc.graph.handlers import Conv2dHandler, centre_tap, conv_output_size, handler_for, is_feature_map_layer
+
+if TYPE_CHECKING:
+    from growc.graph.candidates import WidthSite
 
 _CONV = Conv2dHandler()
 
 
-def _with_ones(rows: Tensor, ones: Tensor | None = None) -> Tensor:
+def with_ones(rows: Tensor, ones: Tensor | None = None) -> Tensor:
     ones = rows.new_ones(rows.shape[0], 1) if ones is None else ones.reshape(-1, 1).to(rows)
     return torch.cat([rows, ones], dim=1)
 
@@ -54,14 +57,14 @@ def producer_rows(site: WidthSite, root: nn.Module, x_prev: Tensor) -> Tensor:
     """`b'` rows (n, in_flat + 1) aligned with the consumers' output samples."""
     producer = root.get_submodule(site.producer)
     consumer = root.get_submodule(site.consumers[0])
-    if isinstance(producer, nn.Linear):
-        return _with_ones(handler_for(producer).input_rows(producer, x_prev))
+    if not is_feature_map_layer(producer):
+        return with_ones(handler_for(producer).input_rows(producer, x_prev))
     if site.spatial and all(spec == ("adaptive", (1, 1)) for spec in site.pools):
-        return _with_ones(mean_patch(producer, x_prev))  # global pooling or none: the mean patch
+        return with_ones(mean_patch(producer, x_prev))  # global pooling or none: the mean patch
     patches = _pool_map(_CONV.patches(producer, x_prev), site.pools)  # (B, d, H, W)
     batch, d, height, width = patches.shape
     if site.spatial:
-        return _with_ones(patches.mean(dim=(2, 3)))
+        return with_ones(patches.mean(dim=(2, 3)))
     out_h, out_w = conv_output_size(consumer, (height, width))
     taps = centre_tap(consumer)
     index, valid = [], []
@@ -73,23 +76,7 @@ def producer_rows(site: WidthSite, root: nn.Module, x_prev: Tensor) -> Tensor:
     mask = (valid[0][:, None] & valid[1][None, :]).to(patches.dtype)  # (Hq, Wq)
     chosen = patches[:, :, index[0]][:, :, :, index[1]] * mask
     rows = chosen.permute(0, 2, 3, 1).reshape(-1, d)
-    return _with_ones(rows, mask.expand(batch, out_h, out_w))
-
-
-def depth_rows(
-    site: DepthSite, x: Tensor, grad_x: Tensor, batch_size: int
-) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """A depth candidate's rows: b' is what the block's input layer would read (3x3 patches of the
-    map, or the vector) and the block's output layer has no inputs yet, so b is empty and its
-    whole desired update is -g at the edge."""
-    if site.conv:
-        patches = F.unfold(x, BLOCK_KERNEL, padding=BLOCK_KERNEL // 2)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        g = grad_x.permute(0, 2, 3, 1).reshape(-1, grad_x.shape[1])
-    else:
-        rows = x.reshape(-1, x.shape[-1])
-        g = grad_x.reshape(-1, grad_x.shape[-1])
-    return _with_ones(rows), [(rows.new_zeros(rows.shape[0], 0), g * batch_size)]
+    return with_ones(rows, mask.expand(batch, out_h, out_w))
 
 
 def mean_patch(layer: nn.Conv2d, x: Tensor) -> Tensor:
@@ -115,7 +102,7 @@ def consumer_rows(root: nn.Module, name: str, x: Tensor, g: Tensor, batch_size: 
     handler = handler_for(consumer)
     b = handler.input_rows(consumer, x)
     if handler.has_bias(consumer):
-        b = _with_ones(b)
+        b = with_ones(b)
     return b, handler.output_rows(consumer, g) * batch_size
 
 
@@ -143,7 +130,7 @@ def _geometry(layer: nn.Conv2d) -> tuple:
     return layer.kernel_size, layer.stride, layer.padding, layer.dilation
 
 
-def _sample_positions(grad: Tensor, positions: int, generator: torch.Generator) -> tuple[Tensor, Tensor, float] | None:
+def sample_positions(grad: Tensor, positions: int, generator: torch.Generator) -> tuple[Tensor, Tensor, float] | None:
     """`positions` random positions of `grad`'s map, the same for the whole batch: (rows, cols,
     the fraction of the map they are); None when the map has no more positions than that."""
     height, width = grad.shape[-2:]
@@ -154,13 +141,13 @@ def _sample_positions(grad: Tensor, positions: int, generator: torch.Generator) 
     return index // width, index % width, positions / total
 
 
-def _rows_at(maps: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def rows_at(maps: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """(B * P, C): a (B, C, H, W) tensor read at P positions, rows ordered by sample then position."""
     return maps[:, :, rows, cols].permute(0, 2, 1).reshape(-1, maps.shape[1])
 
 
 def sampled_conv_rows(
-    site,
+    site: WidthSite,
     root: nn.Module,
     inputs: dict[str, Tensor],
     grads: dict[str, Tensor],
@@ -173,27 +160,13 @@ def sampled_conv_rows(
     flattening on the way, maps with fewer positions) and the full rows are used instead.
     Returns (b', [(b, g)], samples) with `samples` scaled so that rows per sample stays the map's
     true number of positions."""
-    if isinstance(site, DepthSite):
-        if not site.conv:
-            return None
-        x, grad = inputs[site.consumer], grads.get(f"input:{site.consumer}")
-        if grad is None:
-            return None
-        chosen = _sample_positions(grad, positions, generator)
-        if chosen is None:
-            return None
-        rows, cols, share = chosen
-        pad = BLOCK_KERNEL // 2
-        b_prev = patches_at(x, (BLOCK_KERNEL,) * 2, (1, 1), (pad, pad), (1, 1), rows, cols)
-        g = _rows_at(grad, rows, cols) * batch_size
-        return _with_ones(b_prev), [(b_prev.new_zeros(b_prev.shape[0], 0), g)], batch_size * share
     producer = root.get_submodule(site.producer)
     consumers = [root.get_submodule(c) for c in site.consumers]
     pools = site.pools
-    if not isinstance(producer, nn.Conv2d) or site.spatial or len(pools) > 1 or (pools and pools[0][0] != "window"):
+    if not is_feature_map_layer(producer) or site.spatial or len(pools) > 1 or (pools and pools[0][0] != "window"):
         return None
     consumer = consumers[0]
-    chosen = _sample_positions(grads[site.consumers[0]], positions, generator)
+    chosen = sample_positions(grads[site.consumers[0]], positions, generator)
     if chosen is None:
         return None
     q_rows, q_cols, share = chosen
@@ -225,11 +198,11 @@ def sampled_conv_rows(
             at = patches_at(x_prev, *_geometry(producer), p_rows.clamp(0, p_height - 1), p_cols.clamp(0, p_width - 1))
             b_prev = b_prev + at * valid.to(at.dtype).repeat(batch)[:, None]
     mask = read.to(x_prev.dtype).repeat(batch)[:, None]
-    b_prev = _with_ones(b_prev / counted.clamp_min(1.0).repeat(batch)[:, None], mask)
+    b_prev = with_ones(b_prev / counted.clamp_min(1.0).repeat(batch)[:, None], mask)
     pairs = []
     for name, layer in zip(site.consumers, consumers):
         b = patches_at(inputs[name], *_geometry(layer), q_rows, q_cols)
         if layer.bias is not None:
-            b = _with_ones(b)
-        pairs.append((b, _rows_at(grads[name], q_rows, q_cols) * batch_size))
+            b = with_ones(b)
+        pairs.append((b, rows_at(grads[name], q_rows, q_cols) * batch_size))
     return b_prev, pairs, batch_size * share

@@ -12,9 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from growc.graph.candidates import WidthSite
-from growc.graph.depth import DepthSite
-from growc.graph.samples import consumer_rows, depth_rows, producer_rows, sampled_conv_rows
+from growc.graph.site import PositionSampler, Recorded, Site
 from growc.tiny.statistics import MomentAccumulator
 
 #: Producer inputs at least this wide have S' estimated from every 4th row (see MomentAccumulator).
@@ -29,47 +27,33 @@ class StatisticsCollector:
     def __init__(
         self,
         root: nn.Module,
-        sites: list[WidthSite | DepthSite],
+        sites: list[Site],
         folds: int = 4,
         max_samples: int | None = None,
         rows_per_sample: int | None = 64,
         seed: int = 0,
     ) -> None:
         self.root = root
-        # Each width site's reached readers of other geometries are measured as sites of their own.
-        self.sites = [*sites, *(sub for s in sites if isinstance(s, WidthSite) for sub in s.reached_sites())]
+        # Each site's reached readers of other geometries are measured as sites of their own; new
+        # blocks' edges are read last (the order in which positions are drawn is part of a run).
+        measured = [*sites, *(sub for s in sites for sub in s.reached_sites())]
+        self.sites = sorted(measured, key=lambda s: s.adds_modules)
         self.max_samples = max_samples
         self.accumulators = {s.name: MomentAccumulator(folds) for s in self.sites}
-        self._inputs: dict[str, Tensor] = {}
-        self._grads: dict[str, Tensor] = {}
+        self._recorded = Recorded({}, {}, {})
         self._handles: list[RemovableHandle] = []
         self._seen = 0
-        self._width = [s for s in self.sites if isinstance(s, WidthSite)]
-        self._depth = [s for s in self.sites if isinstance(s, DepthSite)]
-        self._consumer_names = {c for s in self._width for c in s.consumers}
-        self._edge_names = {s.consumer for s in self._depth}  # layers whose input gradient is kept
-        self._names = {s.producer for s in self._width} | self._consumer_names | self._edge_names
-        self._input_grads: dict[str, Tensor] = {}
+        taps = [s.taps() for s in self.sites]
+        self._output_grads = set().union(*(t.output_grads for t in taps))
+        self._input_grads = set().union(*(t.input_grads for t in taps))
+        self._names = set().union(*(t.inputs for t in taps)) | self._output_grads | self._input_grads
         self._targets: list[Tensor] = []  # the tensors whose gradients the hooks read
         # A conv site has a row per output position; past `rows_per_sample` per sample a random
         # subset of positions is kept (the moments are means over rows: still unbiased), which
         # bounds the cost of a step by the number of samples, not the feature maps' size.
         self.rows_per_sample = rows_per_sample
         self._generator = torch.Generator().manual_seed(seed)
-
-    def _sampled(self, site, grads: dict[str, Tensor], batch_size: int) -> bool:
-        """Conv sites on big maps: rows at a few random positions, read without unfolding the
-        whole maps. False where the full rows are needed (or cheap)."""
-        if self.rows_per_sample is None:
-            return False
-        rows = sampled_conv_rows(
-            site, self.root, self._inputs, grads, batch_size, self.rows_per_sample, self._generator
-        )
-        if rows is None:
-            return False
-        b_prev, pairs, samples = rows
-        self.accumulators[site.name].update(b_prev, pairs, samples, _prev_stride(b_prev))
-        return True
+        self._sampler = None if rows_per_sample is None else PositionSampler(rows_per_sample, self._generator)
 
     def _update(self, name: str, b_prev: Tensor, pairs: list[tuple[Tensor, Tensor]], batch_size: int) -> None:
         rows = b_prev.shape[0]
@@ -103,15 +87,17 @@ class StatisticsCollector:
         self._clear()
 
     def _forward_hook(self, name: str):
+        recorded = self._recorded
+
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             if self.full or not output.requires_grad:
                 return
-            self._inputs[name] = inputs[0].detach()
-            if name in self._consumer_names:
-                output.register_hook(lambda g: self._grads.__setitem__(name, g.detach()))
+            recorded.inputs[name] = inputs[0].detach()
+            if name in self._output_grads:
+                output.register_hook(lambda g: recorded.output_grads.__setitem__(name, g.detach()))
                 self._targets.append(output)
-            if name in self._edge_names and inputs[0].requires_grad:
-                inputs[0].register_hook(lambda g: self._input_grads.__setitem__(name, g.detach()))
+            if name in self._input_grads and inputs[0].requires_grad:
+                inputs[0].register_hook(lambda g: recorded.input_grads.__setitem__(name, g.detach()))
                 self._targets.append(inputs[0])
 
         return hook
@@ -122,9 +108,9 @@ class StatisticsCollector:
         return list(self._targets)
 
     def _clear(self) -> None:
-        self._inputs.clear()
-        self._grads.clear()
-        self._input_grads.clear()
+        self._recorded.inputs.clear()
+        self._recorded.output_grads.clear()
+        self._recorded.input_grads.clear()
         self._targets.clear()
 
     def accumulate(self, batch_size: int) -> None:
@@ -133,21 +119,16 @@ class StatisticsCollector:
         Gradients are multiplied by `batch_size`: training losses are means over the batch, and
         the method wants each sample's gradient of its own loss.
         """
-        if self.full or not self._inputs:
+        if self.full or not self._recorded.inputs:
             self._clear()
             return
-        grads = {**self._grads, **{f"input:{k}": v for k, v in self._input_grads.items()}}
-        for site in self._width:
-            if site.producer not in self._inputs or any(c not in self._grads for c in site.consumers):
+        for site in self.sites:
+            rows = site.rows(self.root, self._recorded, batch_size, self._sampler)
+            if rows is None:
                 continue
-            if self._sampled(site, grads, batch_size):
-                continue
-            b_prev = producer_rows(site, self.root, self._inputs[site.producer])
-            pairs = [consumer_rows(self.root, c, self._inputs[c], self._grads[c], batch_size) for c in site.consumers]
-            self._update(site.name, b_prev, pairs, batch_size)
-        for site in self._depth:
-            if site.consumer in self._input_grads and not self._sampled(site, grads, batch_size):
-                x, g = self._inputs[site.consumer], self._input_grads[site.consumer]
-                self._update(site.name, *depth_rows(site, x, g, batch_size), batch_size)
+            if rows.sampled:
+                self.accumulators[site.name].update(rows.b_prev, rows.pairs, rows.samples, _prev_stride(rows.b_prev))
+            else:
+                self._update(site.name, rows.b_prev, rows.pairs, batch_size)
         self._seen += batch_size
         self._clear()

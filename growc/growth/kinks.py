@@ -16,14 +16,15 @@ from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
 from growc.graph.samples import consumer_rows, producer_rows
+from growc.graph.site import Site
 from growc.growth.train import modes_kept
 from growc.tiny.solver import Neurons
 
 KINKED = {"ReLU", "relu", "ReLU6", "relu6", "LeakyReLU", "leaky_relu"}
 
 
-def is_kinked(site) -> bool:
-    return isinstance(site, WidthSite) and site.activation in KINKED
+def is_kinked(site: Site) -> bool:
+    return site.sign_testable and site.activation in KINKED
 
 
 def signed_gains(

@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from growc.errors import GrowcError
-from growc.graph.candidates import WidthSite, find_width_sites
+from growc.graph.candidates import find_width_sites
 from growc.graph.depth import find_depth_edges
 from growc.graph.flops import multiply_adds
 from growc.graph.trace import parameter_count, trace
@@ -29,6 +29,7 @@ from growc.growth.run_state import pack as run_state_pack
 from growc.growth.schedule import Trainer
 from growc.growth.step import (
     LineSearchBatch,
+    StepContext,
     allocate_with_reasons,
     assess_sites,
     grow_allocated,
@@ -60,8 +61,9 @@ def _line_search_batch(loader: Iterable, samples: int, device: torch.device, los
 
 
 def widths(model: nn.Module, sites: list) -> dict[str, int]:
-    """Width of every width site (new blocks included once they exist)."""
-    return {s.name: s.width(model) for s in sites if isinstance(s, WidthSite)}
+    """Width of every site that widens layers (new blocks' hidden layers included once they exist;
+    a block's edge has no width of its own)."""
+    return {s.name: s.width(model) for s in sites if not s.adds_modules}
 
 
 def _all_sites(graph: fx.GraphModule, config: GrowthConfig) -> list:
@@ -319,9 +321,8 @@ def _growth_step(
     budget = None if config.max_params is None else config.max_params - params
     counts, not_given = allocate_with_reasons(assessments, budget)
     start = time.perf_counter()
-    grown, undos, blocks = grow_allocated(
-        graph, assessments, counts, strategy, [optimizer], search_batch, config, generator
-    )
+    context = StepContext(graph, strategy, [optimizer], search_batch, config, generator)
+    grown, undos, blocks = grow_allocated(context, assessments, counts)
     record.grown.extend(grown)
     record.grown.extend(not_allocated_records(assessments, not_given, grown))
     after = search_batch.loss(graph) if undos else 0.0

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from growc.graph.candidates import WidthSite
-from growc.graph.depth import DepthGrowth, DepthSite
 from growc.graph.handlers import handler_for
-from growc.graph.rewrite import NewUnits, SiteGrowth, carry_optimizer_state, uncarry_optimizer_state
+from growc.graph.rewrite import NewUnits, carry_optimizer_state, uncarry_optimizer_state
+from growc.graph.site import Growth, Site, conflict
 from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_search
 from growc.growth.config import GrowthConfig
 from growc.growth.kinks import choose_signs, is_kinked, signed_gains
@@ -24,8 +23,6 @@ from growc.tiny.site_solution import SiteSolution, inverses, neurons_raw_gain, s
 from growc.tiny.solver import Neurons
 from growc.tiny.statistics import MomentAccumulator, SiteMoments, input_mean, prepare_inputs
 from growc.tiny.strategies import Strategy
-
-Site = WidthSite | DepthSite
 
 
 @dataclass
@@ -85,7 +82,7 @@ def assess_sites(
         solution = solve_site(moments, max_neurons=cap, shared=shared)
         significance = significant_neuron_count(acc, cap, config.significance_z, mode, shared)
         reached = []
-        for sub in site.reached_sites() if isinstance(site, WidthSite) else []:
+        for sub in site.reached_sites():
             sub_acc = accumulators.get(sub.name)
             sub_raw = sub_acc.total() if sub_acc is not None and sub_acc.samples else None
             if sub_raw is not None and _finite(sub_raw):
@@ -98,8 +95,8 @@ def assess_sites(
                 significant=min(significance.significant, solution.neurons.count),
                 cost=site.params_per_neuron(model),
                 mode=mode,
-                unit_scale=_unit_scale(model, site, moments),
-                column_rms=_column_scale(model, site, moments),
+                unit_scale=site.unit_scale(model, moments.s_prev),
+                column_rms=site.column_scale(model, moments.s_prev),
                 input_mean=input_mean(raw)[0],
                 reached=reached,
                 test=(
@@ -141,7 +138,7 @@ def allocate_with_reasons(
             )
             continue
         if a.site.name not in counts:
-            other = next((o for o in chosen if _conflict(a.site, o)), None)
+            other = next((o for o in chosen if conflict(a.site, o)), None)
             if other is not None:
                 reasons.setdefault(
                     a.site.name,
@@ -165,47 +162,10 @@ def not_allocated_records(
             record.reason = reasons[record.site]
     given = {record.site for record in grown}
     return [
-        _no_growth(a, 0.0, 0.0, 0.0, None, reasons[a.site.name])[0]
+        _no_growth(a, reasons[a.site.name])[0]
         for a in assessments
         if a.site.name in reasons and a.site.name not in given
     ]
-
-
-def _conflict(a: Site, b: Site) -> bool:
-    """Two sites that cannot grow in the same step: one puts units between a layer's old inputs
-    (a concatenation), which the other's statistics, taken before, would not line up with."""
-    if isinstance(a, DepthSite) or isinstance(b, DepthSite):
-        return False
-    return bool(set(a.inserts_between) & set(b.layers) or set(b.inserts_between) & set(a.layers))
-
-
-def _column_scale(model: nn.Module, site: Site, moments: SiteMoments) -> float:
-    """How large a new unit's outgoing weights are at gamma = 1: the consumers' RMS column norm;
-    for a new block, the RMS of the edge's values, so that the block adds a term as large as its
-    input."""
-    if isinstance(site, DepthSite):
-        rms = float(torch.diagonal(moments.s_prev)[:-1].clamp_min(0).mean().sqrt())
-        return rms or 1.0
-    return _rms_column_norm([model.get_submodule(c) for c in site.consumers])
-
-
-def _unit_scale(model: nn.Module, site: Site, moments: SiteMoments) -> float:
-    """How large an existing unit is where new units will enter: behind a BatchNorm, the RMS of
-    its weights; else the RMS pre-activation of the producer's units on the statistics (1 for a
-    new block: unit pre-activations)."""
-    if isinstance(site, DepthSite):
-        return 1.0
-    if site.norm is not None:
-        norm = model.get_submodule(site.norm)
-        if norm.weight is None or norm.weight.numel() == 0:
-            return 1.0
-        return float(norm.weight.detach().double().pow(2).mean().sqrt()) or 1.0
-    producer = model.get_submodule(site.producer)
-    w = handler_for(producer).weight_matrix(producer).to(torch.float64).cpu()
-    if w.shape[0] == 0:
-        return 1.0
-    energy = ((w @ moments.s_prev.cpu()) * w).sum(1).mean()
-    return float(energy.clamp_min(0).sqrt()) or 1.0
 
 
 def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[NewUnits, float]:
@@ -261,16 +221,6 @@ def reached_omegas(reached: list[tuple[tuple[str, ...], SiteMoments]], alpha: Te
     return out
 
 
-def _rms_column_norm(consumers: list[nn.Module]) -> float:
-    total, columns = 0.0, 0
-    for c in consumers:
-        h = handler_for(c)
-        w = h.weight_matrix(c)[:, : h.in_size(c)]
-        total += float((w.double() ** 2).sum())
-        columns = max(columns, w.shape[1])
-    return math.sqrt(total / columns) if columns and total > 0 else 1.0
-
-
 @dataclass
 class LineSearchBatch:
     inputs: list[Tensor]
@@ -280,6 +230,12 @@ class LineSearchBatch:
     def loss(self, model: nn.Module) -> float:
         return batch_loss(model, self.inputs, self.target, self.loss_fn)
 
+    @torch.no_grad()
+    def run_eval(self, model: nn.Module) -> None:
+        """One forward pass in eval mode (no running statistics move, no dropout)."""
+        with modes_kept(model):
+            model.eval()(*self.inputs)
+
     @classmethod
     def from_batches(cls, batches: list[tuple[list[Tensor], Tensor]], samples: int, loss_fn: LossFn) -> LineSearchBatch:
         """The first `samples` samples of (inputs, target) batches, joined."""
@@ -287,38 +243,18 @@ class LineSearchBatch:
         return cls(inputs, torch.cat([b[1] for b in batches])[:samples], loss_fn)
 
 
-@torch.no_grad()
-def measure_new_norm_statistics(model: nn.Module, site: WidthSite, growth: SiteGrowth, batch: LineSearchBatch) -> None:
-    """Give the new channels of the BatchNorm after the producer the running statistics of what
-    they actually produce on the line-search samples. The solver's estimate comes from rows
-    aligned with the consumers' outputs (pooled windows averaged, a few positions sampled), which
-    can be far from what the BatchNorm sees at every position: 0.77 against 21 for a stem conv
-    feeding a max pool. The new rows are not scaled by the amplitude behind a BatchNorm, so the
-    statistics hold for every amplitude the line search tries."""
-    producer = model.get_submodule(site.producer)
-    new = slice(handler_for(producer).out_size(producer) - growth.count, None)
-    seen: list[Tensor] = []
+@dataclass
+class BestUpdate:
+    """The consumers' best update as applied: its size, its predicted gain, how to take it back."""
 
-    def keep_new_channels(module: nn.Module, args: tuple, output: Tensor) -> None:
-        seen.append(output[:, new].detach().transpose(0, 1).reshape(growth.count, -1).double())
-
-    growth.set_amplitude(0.0)  # writes the new rows (unscaled behind the norm); the function is unchanged
-    hook = producer.register_forward_hook(keep_new_channels)
-    try:
-        with modes_kept(model):
-            model.eval()(*batch.inputs)  # eval: no running statistics move, no dropout
-    finally:
-        hook.remove()
-    if not seen or seen[0].shape[1] < 2:
-        return
-    values = seen[0]
-    growth.set_norm_statistics(values.mean(1), values.var(1).clamp_min(1e-12))  # unbiased, as BatchNorm keeps it
+    fraction: float = 0.0
+    predicted: float = 0.0
+    restore: Callable[[], None] | None = None
 
 
 @torch.no_grad()
-def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBatch) -> tuple[float, float, Callable]:
-    """Line search on the size of the consumers' best update; returns (fraction, predicted gain,
-    a function that takes the update back)."""
+def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBatch) -> BestUpdate:
+    """Line search on the size of the consumers' best update."""
     consumers = [model.get_submodule(c) for c in a.site.consumers]
     originals = [handler_for(c).weight_matrix(c).clone() for c in consumers]
     units = []
@@ -343,162 +279,171 @@ def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBat
 
     best, _, _ = line_search(loss_at, UPDATE_FRACTIONS)
     set_fraction(best)
-    restore = functools.partial(set_fraction, 0.0)
     predicted = 0.0
     for w, u in zip(originals, a.solution.updates):
         norm = float(u.delta.norm())
         if norm > 0 and u.delta.shape[1] == w.shape[1]:
             predicted += best * float(w.norm()) / norm * u.first_order_gain * a.solution.rows_per_sample
-    return best, predicted, restore
+    return BestUpdate(best, predicted, functools.partial(set_fraction, 0.0))
 
 
-def grow_site(
-    model: nn.Module,
-    a: SiteAssessment,
-    count: int,
-    strategy: Strategy,
-    optimizers: list[torch.optim.Optimizer],
-    batch: LineSearchBatch,
-    config: GrowthConfig,
-    generator: torch.Generator,
-) -> tuple[SiteGrowthRecord, Callable[[], None]]:
-    """Apply the best update and `count` new neurons at one site, each with its amplitude chosen
-    by a line search on the real loss. Neurons whose best amplitude is 0 are not added. Returns
-    the record and a function that takes the whole change back."""
+@dataclass
+class StepContext:
+    """What the growth of every site in one step shares."""
+
+    model: nn.Module
+    strategy: Strategy
+    optimizers: list[torch.optim.Optimizer]
+    batch: LineSearchBatch  # the real loss that amplitudes and signs are chosen on
+    config: GrowthConfig
+    generator: torch.Generator  # the strategy's randomness
+
+
+def grow_site(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[SiteGrowthRecord, Callable[[], None]]:
+    """Apply the best update and `count` new neurons at one site, with one amplitude chosen by a
+    line search on the real loss (0: none is added). Returns the record and a function that takes
+    the whole change back."""
+    model, batch = ctx.model, ctx.batch
     loss_before = batch.loss(model)
-    depth = isinstance(a.site, DepthSite)
-    fraction, predicted, restore_update = 0.0, 0.0, None
-    if config.update_existing and not depth:
-        fraction, predicted, restore_update = _apply_best_update(model, a, batch)
-
-    neurons = strategy.propose(a.solution, a.moments, count, generator)
-    reason = None  # why fewer neurons than asked went in, when that happens
-    if is_kinked(a.site) and not getattr(strategy, "function_preserving", False):
-        rows = [u.delta.shape[0] for u in a.solution.updates]
-        gains = signed_gains(
-            model, a.site, neurons, a.mode, a.input_mean, rows, batch.inputs, batch.target, batch.loss_fn
-        )
-        proposed = neurons.count
-        neurons = choose_signs(gains, neurons)
-        if neurons.count < proposed:
-            reason = (
-                f"the sign test kept {neurons.count} of {proposed} neurons: under the kink at 0 neither sign "
-                "of the others lowered the line-search loss"
-            )
+    update = BestUpdate()
+    if ctx.config.update_existing and a.site.consumers:
+        update = _apply_best_update(model, a, batch)
+    neurons, reason = _proposed_neurons(ctx, a, count)
     if neurons.count == 0:
         reason = reason or f"the strategy proposed no neuron ({count} asked)"
-        return _no_growth(a, loss_before - batch.loss(model), predicted, fraction, restore_update, reason)
-    dtype = next(model.parameters()).dtype
-    units, scale = new_units(a, neurons, dtype)
-    if depth:
-        growth = DepthGrowth(model, a.site, units.rows, units.bias, units.omega)
-    else:
-        growth = SiteGrowth(model, a.site, units)
-        if a.site.norm is not None:
-            measure_new_norm_statistics(model, a.site, growth, batch)
-
-    if getattr(strategy, "function_preserving", False):
-        gamma = 1.0
-        growth.set_amplitude(gamma)
-    else:
-
-        def loss_at(g: float) -> float:
-            growth.set_amplitude(g)
-            return batch.loss(model)
-
-        gamma, _, losses = line_search(loss_at, NEURON_AMPLITUDES)
-    added = neurons.count
+        return _no_growth(a, reason, loss_before - batch.loss(model), update)
+    units, scale = new_units(a, neurons, next(model.parameters()).dtype)
+    growth = a.site.grow(model, units)
+    growth.calibrate(functools.partial(batch.run_eval, model))
+    gamma, refused = _chosen_amplitude(ctx, growth)
+    predicted = update.predicted
     if gamma == 0.0:
         growth.undo()
-        added = 0
-        tried = [g for g in losses if g > 0]
-        best = min(tried, key=lambda g: losses[g]) if tried else None
-        reason = (
-            f"the line search kept amplitude 0: every amplitude tried raised the line-search loss "
-            f"(the least, {best:g}, gave {losses[best]:.4g} against {losses[0.0]:.4g} at 0)"
-            if best is not None and 0.0 in losses
-            else "the line search kept amplitude 0"
-        )
+        growth, reason = None, refused
     else:
-        growth.set_amplitude(gamma)
-        carry_optimizer_state(optimizers, growth.parameter_swaps)
-        if depth:
-            for optimizer in optimizers:
-                optimizer.add_param_group({**_group_settings(optimizer), "params": growth.new_parameters()})
+        _carry_optimizer_state(ctx.optimizers, growth)
         raw = float(neurons_raw_gain(a.moments, neurons.alpha, neurons.omega).sum())
         predicted += a.site.slope_at_zero * gamma**2 * scale * raw
     record = SiteGrowthRecord(
         site=a.site.name,
-        neurons=added,
+        neurons=neurons.count if growth is not None else 0,
         predicted_gain=predicted,
         observed_gain=loss_before - batch.loss(model),
         gamma=gamma,
-        update_fraction=fraction,
+        update_fraction=update.fraction,
         significant=a.significant,
         reason=reason,
     )
+    return record, functools.partial(_undo, ctx.optimizers, growth, update)
 
-    def undo() -> None:
-        if added:
-            uncarry_optimizer_state(optimizers, growth.parameter_swaps)
-            if depth:
-                for optimizer in optimizers:
-                    optimizer.param_groups.pop()
-            growth.undo()
-        if restore_update is not None:
-            restore_update()
 
-    return record, undo
+def _proposed_neurons(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[Neurons, str | None]:
+    """The strategy's neurons; under a kinked activation each takes its better sign and those that
+    help with neither are dropped (the reason says so)."""
+    neurons = ctx.strategy.propose(a.solution, a.moments, count, ctx.generator)
+    if not is_kinked(a.site) or ctx.strategy.function_preserving:
+        return neurons, None
+    rows = [u.delta.shape[0] for u in a.solution.updates]
+    batch = ctx.batch
+    gains = signed_gains(
+        ctx.model, a.site, neurons, a.mode, a.input_mean, rows, batch.inputs, batch.target, batch.loss_fn
+    )
+    proposed = neurons.count
+    neurons = choose_signs(gains, neurons)
+    if neurons.count == proposed:
+        return neurons, None
+    return neurons, (
+        f"the sign test kept {neurons.count} of {proposed} neurons: under the kink at 0 neither sign "
+        "of the others lowered the line-search loss"
+    )
+
+
+def _chosen_amplitude(ctx: StepContext, growth: Growth) -> tuple[float, str | None]:
+    """The amplitude the new units keep, set on them; with 0, why."""
+    if ctx.strategy.function_preserving:
+        growth.set_amplitude(1.0)
+        return 1.0, None
+
+    def loss_at(g: float) -> float:
+        growth.set_amplitude(g)
+        return ctx.batch.loss(ctx.model)
+
+    gamma, _, losses = line_search(loss_at, NEURON_AMPLITUDES)
+    if gamma != 0.0:
+        growth.set_amplitude(gamma)
+        return gamma, None
+    tried = [g for g in losses if g > 0]
+    best = min(tried, key=lambda g: losses[g]) if tried else None
+    if best is None or 0.0 not in losses:
+        return 0.0, "the line search kept amplitude 0"
+    return 0.0, (
+        f"the line search kept amplitude 0: every amplitude tried raised the line-search loss "
+        f"(the least, {best:g}, gave {losses[best]:.4g} against {losses[0.0]:.4g} at 0)"
+    )
+
+
+def _carry_optimizer_state(optimizers: list[torch.optim.Optimizer], growth: Growth) -> None:
+    """Grown Parameters keep their optimizer state; a new block's train in a group of their own."""
+    carry_optimizer_state(optimizers, growth.parameter_swaps)
+    new = growth.new_parameters()
+    if new:
+        for optimizer in optimizers:
+            optimizer.add_param_group({**_group_settings(optimizer), "params": new})
+
+
+def _undo(optimizers: list[torch.optim.Optimizer], growth: Growth | None, update: BestUpdate) -> None:
+    if growth is not None:
+        uncarry_optimizer_state(optimizers, growth.parameter_swaps)
+        if growth.new_parameters():
+            for optimizer in optimizers:
+                optimizer.param_groups.pop()
+        growth.undo()
+    if update.restore is not None:
+        update.restore()
 
 
 def grow_allocated(
-    model: nn.Module,
-    assessments: list[SiteAssessment],
-    counts: dict[str, int],
-    strategy: Strategy,
-    optimizers: list[torch.optim.Optimizer],
-    batch: LineSearchBatch,
-    config: GrowthConfig,
-    generator: torch.Generator,
+    ctx: StepContext, assessments: list[SiteAssessment], counts: dict[str, int]
 ) -> tuple[list[SiteGrowthRecord], list[Callable[[], None]], bool]:
     """Grow every site that `counts` gives neurons, best first; returns the records, a function
-    per site that takes its change back, and whether a block was inserted (the graph changed).
+    per site that takes its change back, and whether modules were added (the graph changed).
 
-    Width first, then new blocks; a block on an edge whose width just changed waits a step (its
-    statistics were taken at the old width)."""
+    Widening first, then new blocks; a site that must wait for this step's widening (a block on
+    an edge whose width just changed: its statistics were taken at the old width) says why."""
     widened: set[str] = set()  # layers whose input dimension grew in this step
     records, undos, blocks = [], [], False
-    order = sorted(assessments, key=lambda a: (isinstance(a.site, DepthSite), -a.value(0) if a.significant else 0.0))
+    order = sorted(assessments, key=lambda a: (a.site.adds_modules, -a.value(0) if a.significant else 0.0))
     for a in order:
         if counts.get(a.site.name, 0) == 0:
             continue
-        if isinstance(a.site, DepthSite) and a.site.consumer in widened:
-            reason = f"the width of '{a.site.consumer}' changed in this step: a block there waits a step"
-            records.append(_no_growth(a, 0.0, 0.0, 0.0, None, reason)[0])
+        wait = a.site.waits_for(widened)
+        if wait is not None:
+            records.append(_no_growth(a, wait)[0])
             continue
-        record, undo = grow_site(model, a, counts[a.site.name], strategy, optimizers, batch, config, generator)
+        record, undo = grow_site(ctx, a, counts[a.site.name])
         records.append(record)
         undos.append(undo)
         if record.neurons:
-            widened.update(a.site.readers if isinstance(a.site, WidthSite) else ())
-            blocks |= isinstance(a.site, DepthSite)
+            widened.update(a.site.readers)
+            blocks |= a.site.adds_modules
     return records, undos, blocks
 
 
 def _no_growth(
-    a: SiteAssessment, observed: float, predicted: float, fraction: float, restore_update, reason: str | None = None
-) -> tuple:
+    a: SiteAssessment, reason: str | None, observed: float = 0.0, update: BestUpdate | None = None
+) -> tuple[SiteGrowthRecord, Callable[[], None]]:
+    update = update or BestUpdate()
     record = SiteGrowthRecord(
         site=a.site.name,
         neurons=0,
-        predicted_gain=predicted,
+        predicted_gain=update.predicted,
         observed_gain=observed,
         gamma=0.0,
-        update_fraction=fraction,
+        update_fraction=update.fraction,
         significant=a.significant,
         reason=reason,
     )
-    return record, (restore_update or (lambda: None))
+    return record, (update.restore or (lambda: None))
 
 
 def _group_settings(optimizer: torch.optim.Optimizer) -> dict:

@@ -21,8 +21,9 @@ import torch
 from torch import fx, nn
 
 from growc.errors import GrowcError
-from growc.graph.candidates import CandidateReport, WidthSite, find_width_sites
-from growc.graph.depth import DepthSite, find_depth_edges
+from growc.graph.candidates import CandidateReport, find_width_sites
+from growc.graph.depth import find_depth_edges
+from growc.graph.site import Site
 from growc.graph.trace import parameter_count, trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
@@ -31,6 +32,7 @@ from growc.growth.report import SiteGrowthRecord
 from growc.growth.step import (
     LineSearchBatch,
     SiteAssessment,
+    StepContext,
     allocate_with_reasons,
     assess_sites,
     grow_allocated,
@@ -65,7 +67,7 @@ class Grower:
         self.candidates.graph = self.model
 
     @property
-    def sites(self) -> list[WidthSite | DepthSite]:
+    def sites(self) -> list[Site]:
         return [*self.candidates.sites, *self.candidates.depth]
 
     def measure(self, loader: Iterable) -> list[SiteAssessment]:
@@ -123,16 +125,15 @@ class Grower:
             chosen = self.assessments[site]
             counts = {site: neurons if neurons is not None else max(chosen.significant, 1)}
             assessments = [chosen]
-        records, _, blocks = grow_allocated(
+        context = StepContext(
             self.model,
-            assessments,
-            counts,
             make_strategy(self.config.strategy),
             [optimizer] if optimizer is not None else [],
             self._batch,
             self.config,
             self._generator,
         )
+        records, _, blocks = grow_allocated(context, assessments, counts)
         records += not_allocated_records(assessments, not_given, records)
         self.assessments = {}
         if blocks:

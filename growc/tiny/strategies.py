@@ -19,6 +19,10 @@ from growc.tiny.statistics import SiteMoments
 
 class Strategy(Protocol):
     name: str
+    # True: the neurons go in as proposed (amplitude 1, no sign test): they start too small
+    # to change the loss (GradMax's input weights are 1e-3 of unit scale), so an amplitude
+    # search could not tell them apart.
+    function_preserving: bool
 
     def propose(self, solution: SiteSolution, moments: SiteMoments, k: int, generator: torch.Generator) -> Neurons:
         """k neurons for the site."""
@@ -29,6 +33,7 @@ class TinyStrategy:
     """The TINY neurons: the best least-squares fit of the expressivity bottleneck."""
 
     name = "tiny"
+    function_preserving = False
 
     def propose(self, solution: SiteSolution, moments: SiteMoments, k: int, generator: torch.Generator) -> Neurons:
         return solution.neurons.take(k)
@@ -43,6 +48,7 @@ class RandomStrategy:
     """Random directions with the same count and magnitudes as TINY's: the control group."""
 
     name = "random"
+    function_preserving = False
 
     def propose(self, solution: SiteSolution, moments: SiteMoments, k: int, generator: torch.Generator) -> Neurons:
         ref = solution.neurons.take(k)
