@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from growc.data import load_builtin
@@ -179,16 +180,7 @@ def _deploy(
     model = _load_model(checkpoint)
     train, val = _load_data(data)
     val_inputs, val_labels = _take(val, VAL_SAMPLES)
-    try:
-        with torch.no_grad():
-            model(*[x[:2] for x in val_inputs])
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        shapes = ", ".join(str(tuple(x.shape[1:])) for x in val_inputs)
-        raise GrowcError(
-            f"the checkpoint's model does not accept --data {data} samples of shape {shapes} ({first}): "
-            "give the data set it was trained on"
-        ) from None
+    _check_accepts(model, val_inputs, data)
     frozen = freeze(model, example_inputs=val_inputs)
     check_same_outputs(model, frozen, val_inputs)
     if standalone:
@@ -217,46 +209,60 @@ def _deploy(
     }
     if exported.slim is not None:
         common["onnxslim"] = exported.slim.as_json()
+
+    def card(path: Path, accuracy: float | None, details: dict) -> Path:
+        return write_card(path, frozen, val_inputs, text, accuracy, growth_report, {**common, **details})
+
     result.cards.append(
-        write_card(
-            onnx_path,
-            frozen,
-            val_inputs,
-            text,
-            fp32_accuracy,
-            growth_report,
-            {**common, "weights": "float32", "latency_ms": _latency_json(result.latency)},
-        )
+        card(onnx_path, fp32_accuracy, {"weights": "float32", "latency_ms": _latency_json(result.latency)})
     )
     if standalone:
         result.standalone = write_standalone(frozen, out / "standalone", example_inputs=[x[:64] for x in val_inputs])
     if int8 != "none":
         calibration, _ = _take(train, CALIBRATION_SAMPLES, spread=True)
-        int8_path = out / "model.int8.onnx"
-        result.int8 = quantize(
-            onnx_path, int8_path, int8, val_inputs, val_labels, calibration, tolerance=int8_tolerance
-        )
-        result.int8_latency = measure_latency(frozen, int8_path, val_inputs, repeats=latency_repeats)
-        q = result.int8
-        result.cards.append(
-            write_card(
-                int8_path,
-                frozen,
-                val_inputs,
-                text,
-                q.int8_accuracy,
-                growth_report,
-                {
-                    **common,
-                    "weights": f"int8 ({int8})",
-                    "fp32_accuracy": q.fp32_accuracy,
-                    "fp32_file_bytes": q.fp32_bytes,
-                    "size_ratio": round(q.size_ratio, 3),
-                    "latency_ms": _latency_json(result.int8_latency),
-                },
-            )
-        )
+        _quantized(result, frozen, (val_inputs, val_labels), calibration, int8, int8_tolerance, latency_repeats, card)
     return result
+
+
+def _check_accepts(model: nn.Module, inputs: list[Tensor], data: str) -> None:
+    """A clear error when the checkpoint's model cannot read the data's samples."""
+    try:
+        with torch.no_grad():
+            model(*[x[:2] for x in inputs])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shapes = ", ".join(str(tuple(x.shape[1:])) for x in inputs)
+        raise GrowcError(
+            f"the checkpoint's model does not accept --data {data} samples of shape {shapes} ({first}): "
+            "give the data set it was trained on"
+        ) from None
+
+
+def _quantized(
+    result: DeployResult,
+    frozen: nn.Module,
+    val: tuple[list[Tensor], Tensor],
+    calibration: list[Tensor],
+    int8: str,
+    tolerance: float,
+    latency_repeats: int,
+    card: Callable[[Path, float | None, dict], Path],
+) -> None:
+    """The int8 file, its latency and its card (written by `card`), added to `result`."""
+    val_inputs, val_labels = val
+    int8_path = result.out / "model.int8.onnx"
+    result.int8 = q = quantize(
+        result.onnx.path, int8_path, int8, val_inputs, val_labels, calibration, tolerance=tolerance
+    )
+    result.int8_latency = measure_latency(frozen, int8_path, val_inputs, repeats=latency_repeats)
+    details = {
+        "weights": f"int8 ({int8})",
+        "fp32_accuracy": q.fp32_accuracy,
+        "fp32_file_bytes": q.fp32_bytes,
+        "size_ratio": round(q.size_ratio, 3),
+        "latency_ms": _latency_json(result.int8_latency),
+    }
+    result.cards.append(card(int8_path, q.int8_accuracy, details))
 
 
 def _latency_json(latency: list[Latency]) -> dict[str, object]:

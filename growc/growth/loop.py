@@ -16,6 +16,7 @@ from growc.errors import GrowcError
 from growc.graph.candidates import find_width_sites
 from growc.graph.depth import find_depth_edges
 from growc.graph.flops import multiply_adds
+from growc.graph.site import Site
 from growc.graph.trace import parameter_count, trace
 from growc.growth import distributed
 from growc.growth.checkpoint import load_with_state, save_checkpoint
@@ -100,17 +101,15 @@ def grow(
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
     train_loader = distributed.shard_loader(train_loader, config.seed)  # this rank's share (under torchrun)
-    user_model = model
-    strategy = make_strategy(config.strategy)
     clock = time.perf_counter()
 
     # From here on the model is the traced graph (see _graph_to_grow).
-    graph, saved = _graph_to_grow(user_model, checkpoint, resume, leaf_modules, concrete_args, observer, device)
+    graph, saved = _graph_to_grow(model, checkpoint, resume, leaf_modules, concrete_args, observer, device)
     sites = _all_sites(graph, config)
     if not sites:
         skipped = find_width_sites(graph).skipped
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped) or "no linear layers"
-        raise GrowcError(f"no growth site found in {type(user_model).__name__} ({reasons})")
+        raise GrowcError(f"no growth site found in {type(model).__name__} ({reasons})")
     optimizer = make_optimizer(config.optimizer, graph.parameters(), config.lr, config.weight_decay)
     search_batch = _line_search_batch(train_loader, config.line_search_samples, device, loss_fn)
     search_batch = distributed.reduced_line_search_batch(search_batch)  # loss: mean over all ranks
@@ -124,68 +123,114 @@ def grow(
             report=GrowthReport(config=config.as_dict()),
         )
         state.final = config.steps == 0  # with no growth step asked for, the first phase is the final one
-    report = state.report
     observer.run_start(sites, parameter_count(graph))
-
-    def save() -> None:
-        if checkpoint is None or not distributed.is_main():
-            return
-        state.elapsed += time.perf_counter() - clock_reset()
-        tensors, meta = run_state_pack(graph, optimizer, train_loader, generator)
-        save_checkpoint(checkpoint, graph, {**(checkpoint_extra or {}), "run": state.to_json(), **meta}, tensors)
-        _write_report(report, checkpoint)
-
-    def clock_reset() -> float:
-        nonlocal clock
-        previous, clock = clock, time.perf_counter()
-        return previous
-
-    replicas = distributed.Replicas(graph)  # under torchrun: DDP around the graph, rebuilt after growth
-    trainer = Trainer(train_loader, val_loader, loss_fn, optimizer, device, config, observer)
+    run = _Run(
+        graph=graph,
+        sites=sites,
+        state=state,
+        config=config,
+        context=StepContext(graph, make_strategy(config.strategy), [optimizer], search_batch, config, generator),
+        trainer=Trainer(train_loader, val_loader, loss_fn, optimizer, device, config, observer),
+        replicas=distributed.Replicas(graph),  # under torchrun: DDP around the graph, rebuilt after growth
+        observer=observer,
+        checkpoint=checkpoint,
+        checkpoint_extra=checkpoint_extra or {},
+        clock=clock,
+    )
     while not state.finished:
-        step = state.step
+        run.step()
+    return GrowthResult(model=graph, user_model=model, report=state.report)
+
+
+@dataclass
+class _Run:
+    """A growth run's working set: what every step reads and changes."""
+
+    graph: fx.GraphModule
+    sites: list[Site]
+    state: RunState
+    config: GrowthConfig
+    context: StepContext  # the model, strategy, optimizer, line-search batch and generator of growth
+    trainer: Trainer
+    replicas: distributed.Replicas
+    observer: Observer
+    checkpoint: str | Path | None
+    checkpoint_extra: dict[str, Any]
+    clock: float  # when the time not yet added to `state.elapsed` began
+
+    def step(self) -> None:
+        """Train (not before step 0: a network at its random start has strong, clean gradients to
+        grow from, and a layer of one ReLU unit can die in its first epoch), measure, grow, and
+        decide whether to go on; the final step trains only."""
+        state, graph, trainer = self.state, self.graph, self.trainer
         seconds = {"train": 0.0, "statistics": 0.0, "solve": 0.0, "line_search": 0.0}
-        # Step 0 measures the model as it comes: no training first. A network at its random
-        # start has strong, clean gradients to grow from, and a layer of one ReLU unit can die in
-        # its first epoch of training, leaving nothing to measure.
         train_loss, epochs = math.nan, 0
-        if step > 0 or state.final:
-            train_loss, epochs = trainer.phase(replicas.module(), step, state.final, seconds)
+        if state.step > 0 or state.final:
+            train_loss, epochs = trainer.phase(self.replicas.module(), state.step, state.final, seconds)
         collector = None
         if not state.final:
-            collector, measured_loss = _measurement(graph, sites, config, step, train_loader, loss_fn, device, seconds)
-            if epochs == 0:
-                train_loss = measured_loss
+            collector, measured_loss = _measurement(
+                graph,
+                self.sites,
+                self.config,
+                state.step,
+                trainer.train_loader,
+                trainer.loss_fn,
+                trainer.device,
+                seconds,
+            )
+            train_loss = measured_loss if epochs == 0 else train_loss
         train_loss = distributed.mean_across_ranks(train_loss)
         if not math.isfinite(train_loss):
-            raise GrowcError(f"the training loss became {train_loss} at step {step}: lower the learning rate (--lr)")
-        record = _step_record(graph, sites, step, train_loss, epochs, seconds, val_loader, loss_fn, device)
-        params = record.params
-        report.steps.append(record)
-        if state.final:
-            state.finished, report.status = True, FINISHED
-            report.final = _final_block(state, graph, sites, record, search_batch)
-            save()
-            observer.step_end(record)
-            break
-
-        assert collector is not None
-        seconds["statistics"] += distributed.before_growth_step(collector.accumulators, generator)
-        outcome = _growth_step(
-            graph, sites, collector, config, strategy, optimizer, search_batch, generator, record, params
+            raise GrowcError(
+                f"the training loss became {train_loss} at step {state.step}: lower the learning rate (--lr)"
+            )
+        record = _step_record(
+            graph,
+            self.sites,
+            state.step,
+            train_loss,
+            epochs,
+            seconds,
+            trainer.val_loader,
+            trainer.loss_fn,
+            trainer.device,
         )
+        state.report.steps.append(record)
+        if state.final:
+            state.finished, state.report.status = True, FINISHED
+            state.report.final = _final_block(state, graph, self.sites, record, self.context.batch)
+        else:
+            self._grow(collector, record)
+        self.save()
+        self.observer.step_end(record)
+
+    def _grow(self, collector: StatisticsCollector, record: StepRecord) -> None:
+        state, config = self.state, self.config
+        record.seconds["statistics"] += distributed.before_growth_step(collector.accumulators, self.context.generator)
+        outcome = _growth_step(self.context, self.sites, collector, record)
         if outcome.blocks_inserted:
-            sites = _all_sites(graph, config)  # a new block: its hidden layer is a site, its output an edge
-        reason = _stop_reason(config, state, record, outcome, search_batch, graph, time.perf_counter() - clock)
+            self.sites = _all_sites(self.graph, config)  # a new block: its hidden layer is a site, its output an edge
+        session_seconds = time.perf_counter() - self.clock
+        reason = _stop_reason(config, state, record, outcome, self.context.batch, self.graph, session_seconds)
         reason = distributed.broadcast_from_main(reason)  # the same decision on every rank (clocks differ)
         if reason:
-            state.final, report.stop_reason = True, reason
+            state.final, state.report.stop_reason = True, reason
             record.note = "; ".join(filter(None, [record.note, reason]))
         state.step += 1
-        save()
-        observer.step_end(record)
 
-    return GrowthResult(model=graph, user_model=user_model, report=report)
+    def save(self) -> None:
+        if self.checkpoint is None or not distributed.is_main():
+            return
+        now = time.perf_counter()
+        self.state.elapsed += now - self.clock
+        self.clock = now
+        optimizer, loader = self.context.optimizers[0], self.trainer.train_loader
+        tensors, meta = run_state_pack(self.graph, optimizer, loader, self.context.generator)
+        save_checkpoint(
+            self.checkpoint, self.graph, {**self.checkpoint_extra, "run": self.state.to_json(), **meta}, tensors
+        )
+        _write_report(self.state.report, self.checkpoint)
 
 
 def _graph_to_grow(
@@ -302,26 +347,17 @@ class StepOutcome:
 
 
 def _growth_step(
-    graph: fx.GraphModule,
-    sites: list,
-    collector: StatisticsCollector,
-    config: GrowthConfig,
-    strategy,
-    optimizer: torch.optim.Optimizer,
-    search_batch: LineSearchBatch,
-    generator: torch.Generator,
-    record: StepRecord,
-    params: int,
+    context: StepContext, sites: list[Site], collector: StatisticsCollector, record: StepRecord
 ) -> StepOutcome:
     """Measure every site, allocate neurons, grow; fills `record`."""
+    graph, config, search_batch = context.model, context.config, context.batch
     start = time.perf_counter()
     assessments = assess_sites(graph, sites, collector.accumulators, config)
     record.seconds["solve"] = time.perf_counter() - start
     record.bottlenecks = {a.site.name: a.summary() for a in assessments}
-    budget = None if config.max_params is None else config.max_params - params
+    budget = None if config.max_params is None else config.max_params - record.params
     counts, not_given = allocate_with_reasons(assessments, budget)
     start = time.perf_counter()
-    context = StepContext(graph, strategy, [optimizer], search_batch, config, generator)
     grown, undos, blocks = grow_allocated(context, assessments, counts)
     record.grown.extend(grown)
     record.grown.extend(not_allocated_records(assessments, not_given, grown))
