@@ -18,6 +18,7 @@ from growc.graph.candidates import WidthSite
 from growc.graph.samples import consumer_rows, producer_rows
 from growc.graph.site import Site
 from growc.growth.train import modes_kept
+from growc.tiny.input_mode import InputMode
 from growc.tiny.solver import Neurons
 
 KINKED = {"ReLU", "relu", "ReLU6", "relu6", "LeakyReLU", "leaky_relu"}
@@ -31,7 +32,7 @@ def signed_gains(
     model: nn.Module,
     site: WidthSite,
     neurons: Neurons,
-    mode: str,
+    mode: InputMode,
     mean: Tensor,
     solved_rows: list[int],
     inputs: list[Tensor],
@@ -63,14 +64,7 @@ def signed_gains(
     batch = target.shape[0]
     rows = producer_rows(site, model, captured[site.producer]).double()
     # The producer may have gained inputs earlier in this step: only the solved ones count.
-    solved_in = neurons.alpha.shape[0] - (1 if mode == "affine" else 0)
-    inputs_part, ones = rows[:, :solved_in], rows[:, -1:]
-    if mode == "affine":
-        b_prev = torch.cat([inputs_part, ones], dim=1)
-    elif mode == "linear":
-        b_prev = inputs_part
-    else:  # centered: behind a BatchNorm, which removes the mean
-        b_prev = inputs_part - ones * mean.to(rows)[None, :]
+    b_prev = mode.encode_rows(rows, neurons.alpha.shape[0], mean)
     # A consumer may have gained outputs earlier in this step: only the solved ones count.
     g = torch.cat(
         [

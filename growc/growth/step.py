@@ -18,10 +18,11 @@ from growc.growth.config import GrowthConfig
 from growc.growth.kinks import choose_signs, is_kinked, signed_gains
 from growc.growth.report import SiteGrowthRecord
 from growc.growth.train import LossFn, batch_loss, modes_kept
+from growc.tiny.input_mode import InputMode
 from growc.tiny.significance import significant_neuron_count
 from growc.tiny.site_solution import SiteSolution, inverses, neurons_raw_gain, solve_site
 from growc.tiny.solver import Neurons
-from growc.tiny.statistics import MomentAccumulator, SiteMoments, input_mean, prepare_inputs
+from growc.tiny.statistics import MomentAccumulator, SiteMoments, input_mean
 from growc.tiny.strategies import Strategy
 
 
@@ -32,7 +33,7 @@ class SiteAssessment:
     solution: SiteSolution
     significant: int
     cost: int  # parameters per added neuron
-    mode: str  # how the producer's input reaches new units (see prepare_inputs)
+    mode: InputMode  # how the producer's input reaches new units
     unit_scale: float  # RMS pre-activation of existing units (their BatchNorm weights' RMS behind one)
     column_rms: float  # RMS norm of the consumers' existing input columns
     input_mean: torch.Tensor  # E[b'], for the running mean of new BatchNorm entries
@@ -73,11 +74,11 @@ def assess_sites(
         if acc.samples == 0:
             continue
         cap = config.new_neuron_cap(site.width(model))
-        mode = site.input_mode(model)
+        mode = InputMode(site.input_mode(model))
         raw = acc.total()
         if not _finite(raw):
             continue  # a NaN/inf gradient poisoned this site's statistics: no growth there this step
-        moments = prepare_inputs(raw, mode)
+        moments = mode.prepare(raw)
         shared = inverses(moments, config.ridge)
         solution = solve_site(moments, max_neurons=cap, shared=shared)
         significance = significant_neuron_count(acc, cap, config.significance_z, mode, shared)
@@ -86,7 +87,7 @@ def assess_sites(
             sub_acc = accumulators.get(sub.name)
             sub_raw = sub_acc.total() if sub_acc is not None and sub_acc.samples else None
             if sub_raw is not None and _finite(sub_raw):
-                reached.append((sub.consumers, prepare_inputs(sub_raw, mode)))
+                reached.append((sub.consumers, mode.prepare(sub_raw)))
         out.append(
             SiteAssessment(
                 site=site,
@@ -180,10 +181,13 @@ def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[
     }
     rows_in = [u.delta.shape[0] for u in a.solution.updates]
     alpha = neurons.alpha
-    if a.mode == "centered":
+    weights, bias = a.mode.decode(alpha)
+    if a.mode is InputMode.CENTERED:
+        # Behind a BatchNorm the unit's size is the norm's new weight; its running statistics
+        # start at what the units produce (measured again on real data, `Growth.calibrate`).
         variance = ((a.moments.s_prev @ alpha) * alpha).sum(0)
         units = NewUnits(
-            rows=alpha.T.to(dtype),
+            rows=weights.T.to(dtype),
             bias=None,
             omega=omega,
             omega_rows=rows_in,
@@ -192,17 +196,13 @@ def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[
             norm_var=variance.clamp_min(1e-12).to(dtype),
             reached_omega=reached,
         )
-    elif a.mode == "affine":
+    else:
         units = NewUnits(
-            rows=(alpha[:-1].T * a.unit_scale).to(dtype),
-            bias=(alpha[-1] * a.unit_scale).to(dtype),
+            rows=(weights.T * a.unit_scale).to(dtype),
+            bias=None if bias is None else (bias * a.unit_scale).to(dtype),
             omega=omega,
             omega_rows=rows_in,
             reached_omega=reached,
-        )
-    else:
-        units = NewUnits(
-            rows=(alpha.T * a.unit_scale).to(dtype), bias=None, omega=omega, omega_rows=rows_in, reached_omega=reached
         )
     return units, a.unit_scale * a.column_rms / lambda_1
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from growc.tiny.input_mode import InputMode
+
 
 @dataclass(frozen=True)
 class ConsumerMoments:
@@ -36,7 +38,7 @@ class SiteMoments:
     s_prev: Tensor  # E[b' b'^T]  (in', in')
     consumers: tuple[ConsumerMoments, ...]
     rows_per_sample: float = 1.0
-    has_ones: bool = True  # the last coordinate of b' is the constant (see prepare_inputs)
+    has_ones: bool = True  # the last coordinate of b' is the constant (see InputMode)
 
     def with_prev(self, s_prev: Tensor, c: list[Tensor], p: list[Tensor], has_ones: bool) -> SiteMoments:
         consumers = tuple(
@@ -48,26 +50,8 @@ class SiteMoments:
 
 
 def prepare_inputs(moments: SiteMoments, mode: str) -> SiteMoments:
-    """Adapt the moments to how the producer's input reaches the new units.
-
-    The raw moments always carry a last column of `b'` that is 1 where the new unit exists (0 in a
-    consumer's padding). "affine": kept (the producer has a bias). "linear": dropped. "centered":
-    behind a BatchNorm, which removes each unit's mean: `b'` is centered (its mean over the rows
-    where the unit exists) and the column dropped.
-    """
-    s, cs, ps = moments.s_prev, [k.c for k in moments.consumers], [k.p for k in moments.consumers]
-    if mode == "affine":
-        return moments
-    if mode == "linear":
-        return moments.with_prev(s[:-1, :-1], [c[:-1] for c in cs], [p[:-1] for p in ps], has_ones=False)
-    if mode != "centered":
-        raise ValueError(f"unknown input mode {mode}")
-    a, e = s[:-1, -1], s[-1, -1].clamp_min(1e-300)
-    m = a / e
-    s_c = s[:-1, :-1] - torch.outer(a, a) / e
-    return moments.with_prev(
-        s_c, [c[:-1] - torch.outer(m, c[-1]) for c in cs], [p[:-1] - torch.outer(m, p[-1]) for p in ps], has_ones=False
-    )
+    """Adapt the moments to how the producer's input reaches the new units (see `InputMode`)."""
+    return InputMode(mode).prepare(moments)
 
 
 def input_mean(moments: SiteMoments) -> tuple[Tensor, float]:
