@@ -68,7 +68,7 @@ def test_total_is_the_mean_of_outer_products_over_all_rows():
     total = acc.total()
     _assert_moments(total, batches)
     assert total.rows_per_sample == 1.0 and total.has_ones
-    assert acc.samples == 64  # rows, over all folds
+    assert acc.rows == 64  # rows, over all folds
     assert [c.out_features for c in total.consumers] == [2, 3]
 
 
@@ -142,7 +142,7 @@ def test_empty_accumulator_and_bad_fold_count_are_errors():
     with pytest.raises(ValueError):
         MomentAccumulator(folds=0)
     acc = MomentAccumulator(folds=2)
-    assert acc.samples == 0 and acc.usable_folds() == []
+    assert acc.rows == 0 and acc.usable_folds() == []
     with pytest.raises(ValueError, match="no statistics"):
         acc.total()
 

@@ -60,8 +60,8 @@ def test_noise_rarely_passes_and_never_on_average():
     of the trials, and its first neuron's held-out gain averages to about 0."""
     counts = _noise_counts()
     assert sum(c > 0 for c in counts) <= len(counts) * 0.3, counts
-    gains = torch.tensor([significant_neuron_count(_site(seed, "noise"), 1).mean_gain[0] for seed in range(20)])
-    planted = significant_neuron_count(_site(0, "planted"), 1).mean_gain[0]
+    gains = torch.tensor([significant_neuron_count(_site(seed, "noise"), 1).held_out_alignment[0] for seed in range(20)])
+    planted = significant_neuron_count(_site(0, "planted"), 1).held_out_alignment[0]
     assert abs(float(gains.mean())) < 3 * float(gains.std()) / len(gains) ** 0.5
     assert float(gains.abs().max()) < 0.05 * planted
 
@@ -86,7 +86,7 @@ def test_what_the_consumer_can_express_does_not_change_the_test():
         expressible = significant_neuron_count(_site(seed, "expressible"), 4)
         assert expressible.significant == noise.significant
         torch.testing.assert_close(
-            torch.tensor(expressible.mean_gain), torch.tensor(noise.mean_gain), rtol=1e-7, atol=1e-12
+            torch.tensor(expressible.held_out_alignment), torch.tensor(noise.held_out_alignment), rtol=1e-7, atol=1e-12
         )
         torch.testing.assert_close(
             torch.tensor(expressible.std_error), torch.tensor(noise.std_error), rtol=1e-7, atol=1e-12
@@ -105,7 +105,7 @@ def test_a_planted_rank_two_bottleneck_always_gives_two_neurons(mode, ridge):
         shared = None if ridge is None else inverses(prepare_inputs(acc.total(), mode), ridge)
         result = significant_neuron_count(acc, 4, mode=mode, shared=shared)
         assert result.significant == 2, (seed, result)
-        assert result.mean_gain[0] > result.mean_gain[1] > 10 * abs(result.mean_gain[2])
+        assert result.held_out_alignment[0] > result.held_out_alignment[1] > 10 * abs(result.held_out_alignment[2])
         total = acc.total()
         solution = solve_site(prepare_inputs(total, mode), 4)
         # The two neurons remove the planted energy of this sample, tr(A^T Cov(x) A) (about 1.49;
@@ -140,7 +140,7 @@ def test_significance_needs_two_folds_and_a_positive_cap():
     b_prev, b = torch.ones(10, 3, dtype=F64), torch.ones(10, 2, dtype=F64)
     acc.update(b_prev, [(b, torch.ones(10, 1, dtype=F64))])  # one usable fold only
     result = significant_neuron_count(acc, 3)
-    assert (result.significant, result.mean_gain, result.std_error) == (0, [], [])
+    assert (result.significant, result.held_out_alignment, result.std_error) == (0, [], [])
     planted = _site(0, "planted")
     assert significant_neuron_count(planted, 0).significant == 0
     assert significant_neuron_count(planted, 1).significant == 1  # capped by max_neurons

@@ -38,7 +38,7 @@ class SiteAssessment:
     column_rms: float  # RMS norm of the consumers' existing input columns
     input_mean: torch.Tensor  # E[b'], for the running mean of new BatchNorm entries
     # Per geometry of the attached readers the units reach: (readers, their moments).
-    reached: list[tuple[tuple[str, ...], SiteMoments]] = field(default_factory=list)
+    reached_moments: list[tuple[tuple[str, ...], SiteMoments]] = field(default_factory=list)
     # The significance test of the first neuron: its held-out alignment (mean over the folds),
     # that mean's standard error, and the z it had to clear (mean > z * std_error).
     test: tuple[float, float, float] | None = None
@@ -59,7 +59,7 @@ class SiteAssessment:
             ),
         }
 
-    def value(self, k: int) -> float:
+    def gain_per_parameter(self, k: int) -> float:
         """First-order loss decrease per parameter of the k-th neuron (0-based): the ranking key."""
         lam2 = float(self.solution.neurons.lambdas[k]) ** 2 * self.solution.rows_per_sample
         return self.site.slope_at_zero * lam2 / self.cost
@@ -71,7 +71,7 @@ def assess_sites(
     out = []
     for site in sites:
         acc = accumulators[site.name]
-        if acc.samples == 0:
+        if acc.rows == 0:
             continue
         cap = config.new_neuron_cap(site.width(model))
         mode = InputMode(site.input_mode(model))
@@ -85,7 +85,7 @@ def assess_sites(
         reached = []
         for sub in site.reached_sites():
             sub_acc = accumulators.get(sub.name)
-            sub_raw = sub_acc.total() if sub_acc is not None and sub_acc.samples else None
+            sub_raw = sub_acc.total() if sub_acc is not None and sub_acc.rows else None
             if sub_raw is not None and _finite(sub_raw):
                 reached.append((sub.consumers, mode.prepare(sub_raw)))
         out.append(
@@ -99,10 +99,10 @@ def assess_sites(
                 unit_scale=site.unit_scale(model, moments.s_prev),
                 column_rms=site.column_scale(model, moments.s_prev),
                 input_mean=input_mean(raw)[0],
-                reached=reached,
+                reached_moments=reached,
                 test=(
-                    (significance.mean_gain[0], significance.std_error[0], config.significance_z)
-                    if significance.mean_gain
+                    (significance.held_out_alignment[0], significance.std_error[0], config.significance_z)
+                    if significance.held_out_alignment
                     else None
                 ),
             )
@@ -125,7 +125,7 @@ def allocate_with_reasons(
     assessments: list[SiteAssessment], budget: int | None
 ) -> tuple[dict[str, int], dict[str, str]]:
     """`allocate`, and for each site given fewer neurons than passed its test, why."""
-    items = [(a.value(k), a) for a in assessments for k in range(a.significant)]
+    items = [(a.gain_per_parameter(k), a) for a in assessments for k in range(a.significant)]
     items.sort(key=lambda item: -item[0])
     counts: dict[str, int] = {}
     chosen: list[Site] = []
@@ -177,7 +177,7 @@ def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[
     omega = (neurons.omega * (a.column_rms / lambda_1)).to(dtype)
     reached = {
         reader: (w * (a.column_rms / lambda_1)).to(dtype)
-        for reader, w in reached_omegas(a.reached, neurons.alpha).items()
+        for reader, w in reached_omegas(a.reached_moments, neurons.alpha).items()
     }
     rows_in = [u.delta.shape[0] for u in a.solution.updates]
     alpha = neurons.alpha
@@ -412,7 +412,7 @@ def grow_allocated(
     an edge whose width just changed: its statistics were taken at the old width) says why."""
     widened: set[str] = set()  # layers whose input dimension grew in this step
     records, undos, blocks = [], [], False
-    order = sorted(assessments, key=lambda a: (a.site.adds_modules, -a.value(0) if a.significant else 0.0))
+    order = sorted(assessments, key=lambda a: (a.site.adds_modules, -a.gain_per_parameter(0) if a.significant else 0.0))
     for a in order:
         if counts.get(a.site.name, 0) == 0:
             continue

@@ -96,7 +96,7 @@ class Grower:
             raise GrowcError("the loader gave no batch to measure the sites on")
         self._batch = LineSearchBatch.from_batches(kept, self.config.line_search_samples, self.loss_fn)
         found = assess_sites(self.model, self.sites, collector.accumulators, self.config)
-        found.sort(key=lambda a: -a.value(0) if a.significant else 0.0)
+        found.sort(key=lambda a: -a.gain_per_parameter(0) if a.significant else 0.0)
         self.assessments = {a.site.name: a for a in found}
         return found
 

@@ -35,7 +35,7 @@ from growc.tiny.statistics import MomentAccumulator
 @dataclass(frozen=True)
 class SignificanceResult:
     significant: int  # number of leading neurons kept
-    mean_gain: list[float]  # held-out alignment per neuron index, averaged over folds
+    held_out_alignment: list[float]  # per neuron index, the mean over folds
     std_error: list[float]
 
 

@@ -138,7 +138,8 @@ class MomentAccumulator:
         self._batches = 0
 
     @property
-    def samples(self) -> int:
+    def rows(self) -> int:
+        """Rows accumulated over all folds (a conv site has several per data sample)."""
         return sum(f.n for f in self._folds)
 
     @property
