@@ -19,6 +19,7 @@ from growc.growth import distributed
 from growc.growth.config import GrowthConfig
 from growc.growth.loop import GrowthResult, Observer, grow
 from growc.growth.plots import write_plots
+from growc.growth.train import first_samples
 from growc.userfile import (
     beside_script,
     check_model_takes_data,
@@ -42,17 +43,6 @@ def candidates_of(
     return report
 
 
-def _first_inputs(loader, limit: int) -> list[torch.Tensor]:
-    parts, count = [], 0
-    for batch in loader:
-        *inputs, _ = batch
-        parts.append(inputs)
-        count += inputs[0].shape[0]
-        if count >= limit:
-            break
-    return [torch.cat([p[i] for p in parts])[:limit] for i in range(len(parts[0]))]
-
-
 def _export_advice(exc: GrowcError) -> str:
     text = str(exc)
     # The exporter's own exception (kept as the context) says what torch.export tripped on.
@@ -63,22 +53,6 @@ def _export_advice(exc: GrowcError) -> str:
             "cannot hold; write the branch with torch.where or torch.cond"
         )
     return text.rstrip(".")
-
-
-def _check_settings(config: GrowthConfig) -> None:
-    """Settings named by a string, checked before any work so a typo is one sentence."""
-    from growc.tiny.strategies import STRATEGIES
-
-    if config.trigger not in ("epochs", "plateau"):
-        raise GrowcError(f"unknown trigger '{config.trigger}': choose epochs or plateau")
-    if config.optimizer not in ("adam", "sgd"):
-        raise GrowcError(f"unknown optimizer '{config.optimizer}': choose adam or sgd")
-    if config.strategy not in STRATEGIES:
-        raise GrowcError(f"unknown strategy '{config.strategy}': choose one of {', '.join(STRATEGIES)}")
-    try:
-        torch.device(config.device)
-    except RuntimeError:
-        raise GrowcError(f"unknown device '{config.device}': use cpu, cuda or cuda:N") from None
 
 
 def default_out(model_file: str | Path) -> Path:
@@ -120,7 +94,7 @@ def grow_file(
     # Under torchrun: join the process group; each rank trains on its own device (cuda:LOCAL_RANK).
     settings["device"] = distributed.join_from_environment(settings.get("device", GrowthConfig.device))
     config = GrowthConfig(**settings)
-    _check_settings(config)
+    config.check()
     with beside_script(model_file):
         return _grow_file(model_file, data, out, config, observer, leaf_modules, concrete_args, opset, resume)
 
@@ -166,7 +140,7 @@ def _grow_file(
     )
     if not distributed.is_main():
         return result  # only rank 0 writes the ONNX file, report.json and the plots
-    check_inputs = _first_inputs(val_loader, ONNX_CHECK_SAMPLES)
+    check_inputs = first_samples(val_loader, ONNX_CHECK_SAMPLES)[0]
     try:
         exported = export_onnx(result.model, check_inputs, out / "model.onnx", opset=opset, check_inputs=check_inputs)
     except GrowcError as exc:

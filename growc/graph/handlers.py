@@ -174,15 +174,22 @@ class LayerHandler(ABC):
     def output_rows(self, layer: nn.Module, g: Tensor) -> Tensor:
         """A tensor shaped like the layer's output, as rows (n, out) matching `input_rows`."""
 
-    @abstractmethod
     def grow_out(self, layer: nn.Module, rows: Tensor, bias: Tensor | None) -> list[TensorSwap]:
-        """Append outputs: `rows` (K, in_flat) of weights and their biases."""
+        """Append outputs: `rows` (K, in_flat) of weights and their biases (zeros if None)."""
+        k = rows.shape[0]
+        swaps = [extend(layer, "weight", rows.reshape(k, *layer.weight.shape[1:]), 0)]
+        if layer.bias is not None:
+            swaps.append(extend(layer, "bias", bias if bias is not None else rows.new_zeros(k), 0))
+        self.sync_sizes(layer)
+        return swaps
 
-    @abstractmethod
     def grow_in(self, layer: nn.Module, block: Tensor, at: int | None = None) -> list[TensorSwap]:
         """Insert inputs before input unit `at` (default: append): `block` shaped like the
         weight's new slice (see `input_block`). `at` counts the layer's own inputs (features of
         a linear layer, even when they are a flattened feature map's)."""
+        swaps = [extend(layer, "weight", block, 1, at)]
+        self.sync_sizes(layer)
+        return swaps
 
     @abstractmethod
     def input_block(self, layer: nn.Module, omega: Tensor, spatial: int) -> Tensor:
@@ -192,9 +199,10 @@ class LayerHandler(ABC):
         `spatial` features, all weighted by omega / spatial (the channel enters through its mean).
         """
 
-    @abstractmethod
     def weight_matrix(self, layer: nn.Module) -> Tensor:
         """`W` as (out, in_flat [+1 for the bias]), the matrix that `input_rows` multiply."""
+        w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        return torch.cat([w, layer.bias.detach()[:, None]], dim=1) if layer.bias is not None else w
 
     def add_to_weight_matrix(self, layer: nn.Module, delta: Tensor) -> None:
         with torch.no_grad():
@@ -246,24 +254,8 @@ class LinearHandler(LayerHandler):
     def output_rows(self, layer: nn.Linear, g: Tensor) -> Tensor:
         return g.reshape(-1, g.shape[-1])
 
-    def grow_out(self, layer: nn.Linear, rows: Tensor, bias: Tensor | None) -> list[TensorSwap]:
-        swaps = [extend(layer, "weight", rows, 0)]
-        if layer.bias is not None:
-            swaps.append(extend(layer, "bias", bias if bias is not None else rows.new_zeros(rows.shape[0]), 0))
-        self.sync_sizes(layer)
-        return swaps
-
-    def grow_in(self, layer: nn.Linear, block: Tensor, at: int | None = None) -> list[TensorSwap]:
-        swaps = [extend(layer, "weight", block, 1, at)]
-        self.sync_sizes(layer)
-        return swaps
-
     def input_block(self, layer: nn.Linear, omega: Tensor, spatial: int) -> Tensor:
         return omega.repeat_interleave(spatial, dim=1) / spatial
-
-    def weight_matrix(self, layer: nn.Linear) -> Tensor:
-        w = layer.weight.detach()
-        return torch.cat([w, layer.bias.detach()[:, None]], dim=1) if layer.bias is not None else w
 
     def sync_sizes(self, layer: nn.Linear) -> None:
         layer.out_features, layer.in_features = layer.weight.shape
@@ -321,29 +313,12 @@ class Conv2dHandler(LayerHandler):
     def output_rows(self, layer: nn.Conv2d, g: Tensor) -> Tensor:
         return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
 
-    def grow_out(self, layer: nn.Conv2d, rows: Tensor, bias: Tensor | None) -> list[TensorSwap]:
-        k = rows.shape[0]
-        swaps = [extend(layer, "weight", rows.reshape(k, *layer.weight.shape[1:]), 0)]
-        if layer.bias is not None:
-            swaps.append(extend(layer, "bias", bias if bias is not None else rows.new_zeros(k), 0))
-        self.sync_sizes(layer)
-        return swaps
-
-    def grow_in(self, layer: nn.Conv2d, block: Tensor, at: int | None = None) -> list[TensorSwap]:
-        swaps = [extend(layer, "weight", block, 1, at)]
-        self.sync_sizes(layer)
-        return swaps
-
     def input_block(self, layer: nn.Conv2d, omega: Tensor, spatial: int) -> Tensor:
         kh, kw = layer.kernel_size
         block = omega.new_zeros(omega.shape[0], omega.shape[1], kh, kw)
         th, tw = centre_tap(layer)
         block[:, :, th, tw] = omega
         return block
-
-    def weight_matrix(self, layer: nn.Conv2d) -> Tensor:
-        w = layer.weight.detach().reshape(layer.out_channels, -1)
-        return torch.cat([w, layer.bias.detach()[:, None]], dim=1) if layer.bias is not None else w
 
     def sync_sizes(self, layer: nn.Conv2d) -> None:
         layer.out_channels, layer.in_channels = layer.weight.shape[:2]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+TRIGGERS = ("epochs", "plateau")
+
 
 @dataclass
 class GrowthConfig:
@@ -59,6 +61,26 @@ class GrowthConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """Settings named by a string, checked before any work so that a typo is one sentence."""
+        import torch  # here, not above: the CLI reads the defaults without importing torch
+
+        from growc.errors import GrowcError
+        from growc.growth.train import OPTIMIZERS
+        from growc.tiny.strategies import STRATEGIES
+
+        for setting, value, choices in (
+            ("trigger", self.trigger, TRIGGERS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("strategy", self.strategy, tuple(STRATEGIES)),
+        ):
+            if value not in choices:
+                raise GrowcError(f"unknown {setting} '{value}': choose one of {', '.join(choices)}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise GrowcError(f"unknown device '{self.device}': use cpu, cuda or cuda:N") from None
 
     def new_neuron_cap(self, width: int) -> int:
         if self.max_new_per_site is not None:

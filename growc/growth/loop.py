@@ -36,7 +36,7 @@ from growc.growth.step import (
     grow_allocated,
     not_allocated_records,
 )
-from growc.growth.train import LossFn, evaluate, make_optimizer, split_batch
+from growc.growth.train import LossFn, evaluate, first_samples, make_optimizer
 from growc.tiny.strategies import make_strategy
 
 
@@ -48,17 +48,11 @@ class GrowthResult:
 
 
 def _line_search_batch(loader: Iterable, samples: int, device: torch.device, loss_fn: LossFn) -> LineSearchBatch:
-    parts: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-    count = 0
-    for batch in loader:
-        inputs, target = split_batch(batch, device)
-        parts.append((inputs, target))
-        count += target.shape[0]
-        if count >= samples:
-            break
-    if not parts:
-        raise GrowcError("the training data is empty: give at least one batch of samples")
-    return LineSearchBatch.from_batches(parts, samples, loss_fn)
+    try:
+        inputs, target = first_samples(loader, samples, device)
+    except GrowcError:
+        raise GrowcError("the training data is empty: give at least one batch of samples") from None
+    return LineSearchBatch(inputs, target, loss_fn)
 
 
 def widths(model: nn.Module, sites: list) -> dict[str, int]:

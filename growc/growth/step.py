@@ -17,7 +17,7 @@ from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_sea
 from growc.growth.config import GrowthConfig
 from growc.growth.kinks import choose_signs, is_kinked, signed_gains
 from growc.growth.report import SiteGrowthRecord
-from growc.growth.train import LossFn, batch_loss, modes_kept
+from growc.growth.train import LossFn, batch_loss, join_batches, modes_kept
 from growc.tiny.input_mode import InputMode
 from growc.tiny.significance import significant_neuron_count
 from growc.tiny.site_solution import SiteSolution, inverses, neurons_raw_gain, solve_site
@@ -239,8 +239,7 @@ class LineSearchBatch:
     @classmethod
     def from_batches(cls, batches: list[tuple[list[Tensor], Tensor]], samples: int, loss_fn: LossFn) -> LineSearchBatch:
         """The first `samples` samples of (inputs, target) batches, joined."""
-        inputs = [torch.cat([b[0][i] for b in batches])[:samples] for i in range(len(batches[0][0]))]
-        return cls(inputs, torch.cat([b[1] for b in batches])[:samples], loss_fn)
+        return cls(*join_batches(batches, samples), loss_fn)
 
 
 @dataclass

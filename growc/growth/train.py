@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from growc.errors import GrowcError
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -23,9 +25,36 @@ def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def split_batch(batch, device: torch.device) -> tuple[list[Tensor], Tensor]:
+def split_batch(batch, device: torch.device | None) -> tuple[list[Tensor], Tensor]:
     *inputs, target = batch
+    if device is None:
+        return list(inputs), target
     return [x.to(device) for x in inputs], target.to(device)
+
+
+def join_batches(parts: list[tuple[list[Tensor], Tensor]], limit: int) -> tuple[list[Tensor], Tensor]:
+    """The first `limit` samples of (inputs, target) batches, joined into one batch."""
+    inputs = [torch.cat([p[0][i] for p in parts])[:limit] for i in range(len(parts[0][0]))]
+    return inputs, torch.cat([p[1] for p in parts])[:limit]
+
+
+def first_samples(loader: Iterable, limit: int, device: torch.device | None = None) -> tuple[list[Tensor], Tensor]:
+    """The first `limit` samples of a loader of (*inputs, target) batches (all, if it has fewer),
+    on `device` (None: where the loader puts them)."""
+    parts: list[tuple[list[Tensor], Tensor]] = []
+    count = 0
+    for batch in loader:
+        inputs, target = split_batch(batch, device)
+        parts.append((inputs, target))
+        count += target.shape[0]
+        if count >= limit:
+            break
+    if not parts:
+        raise GrowcError("the data is empty: give at least one batch of samples")
+    return join_batches(parts, limit)
+
+
+OPTIMIZERS = ("adam", "sgd")
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -33,7 +62,7 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer '{name}': choose adam or sgd")
+    raise ValueError(f"unknown optimizer '{name}': choose {' or '.join(OPTIMIZERS)}")
 
 
 def train_epoch(
