@@ -19,10 +19,9 @@ from growc.deploy.parity import RELATIVE_TOLERANCE, compare
 from growc.deploy.standalone import write_standalone  # write_standalone: the next step
 from growc.errors import GrowcError
 from growc.graph.candidates import find_width_sites
-from growc.graph.handlers import batchnorm_folds_into, handler_for
+from growc.graph.handlers import batchnorm_folds_into, handler_for, is_batchnorm
 from growc.graph.trace import trace
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Identity at inference: removed so that neither ONNX nor the standalone file carries them.
 _NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -75,7 +74,7 @@ def _fold_batch_norms(gm: fx.GraphModule, ranks: dict[str, int] | None) -> None:
         if node.op != "call_module":
             continue
         bn = gm.get_submodule(str(node.target))
-        if not isinstance(bn, _BATCH_NORMS) or not bn.track_running_stats or bn.running_mean is None:
+        if not is_batchnorm(bn) or not bn.track_running_stats or bn.running_mean is None:
             continue  # without running statistics the BN normalizes by the batch: not foldable
         source = node.args[0] if node.args else None
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
