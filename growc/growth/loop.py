@@ -205,6 +205,7 @@ class _Run:
         outcome = _growth_step(self.context, self.sites, collector, record)
         if outcome.blocks_inserted:
             self.sites = _all_sites(self.graph, config)  # a new block: its hidden layer is a site, its output an edge
+        state.barren = 0 if outcome.significant else state.barren + 1  # steps in a row without significant neurons
         session_seconds = time.perf_counter() - self.clock
         reason = _stop_reason(config, state, record, outcome, self.context.batch, self.graph, session_seconds)
         reason = distributed.broadcast_from_main(reason)  # the same decision on every rank (clocks differ)
@@ -384,7 +385,6 @@ def _stop_reason(
     session_seconds: float,
 ) -> str:
     """Why growth stops after this step ("" to go on); the final training follows either way."""
-    state.barren = 0 if outcome.significant else state.barren + 1
     if state.step + 1 >= config.steps:
         return f"reached the {config.steps} growth steps asked for"
     if config.max_params is not None and record.params_after + outcome.cheapest_neuron > config.max_params:
