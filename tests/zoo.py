@@ -273,6 +273,30 @@ class AttentionBlock(nn.Module):
         return self.head(h.mean(1))
 
 
+class Activations(nn.Module):
+    """Element-wise ops in every form users write them: modules (with parameters: PReLU, ELU's
+    alpha, a Hardtanh range), F.* and torch.* calls, in-place and tensor-method forms, and a
+    residual stream through zero-at-zero ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.d, self.e, self.f = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.hardswish, self.prelu, self.elu = nn.Hardswish(), nn.PReLU(), nn.ELU(alpha=0.5)
+        self.mish, self.range = nn.Mish(), nn.Hardtanh(-2.0, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hardswish(self.a(x))
+        h = F.hardsigmoid(self.b(h))
+        h = self.prelu(self.c(h))
+        h = h + F.gelu(self.d(h), approximate="tanh")  # a stream: GELU(0) = 0
+        h = h + self.mish(F.leaky_relu(self.e(h), 0.2))
+        h = self.elu(self.f(h)).relu_()
+        h = torch.special.expit(F.softsign(self.range(h))) * 2.0
+        return self.head(F.selu(h))
+
+
 def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shapes = {
@@ -292,6 +316,7 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         ConvBNAct: [(2, 8, 8)],
         AttentionBlock: [(4, 6)],
         RootDropout: [(12,)],
+        Activations: [(12,)],
     }[type(model)]
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
@@ -313,4 +338,5 @@ ZOO = [
     ConvBNAct,
     AttentionBlock,
     RootDropout,
+    Activations,
 ]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from growc.graph.elementwise import activation_name, elementwise_slope
+from growc.graph.elementwise import activation_name, elementwise_op, elementwise_slope
 from growc.graph.handlers import handler_for, is_batchnorm, is_depthwise, unsupported_conv
 from growc.graph.modes import is_mode_flag
 from growc.graph.trace import module_of
@@ -32,8 +32,6 @@ _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMa
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _ADDS = {operator.add, torch.add, operator.iadd}
 _MULS = {operator.mul, torch.mul, operator.imul}
-# Not zero at zero: a writer's zero rows would not give zero units through them.
-_NOT_ZERO_AT_ZERO = {"Sigmoid", "sigmoid", "Softplus", "softplus"}
 
 
 class Ungrowable(Exception):
@@ -324,7 +322,9 @@ class _Walk:
                 self._add_member(node)
                 node = rest[0]
                 continue
-            if not _carries_units(self.gm, node) or activation_name(self.gm, node) in _NOT_ZERO_AT_ZERO:
+            op = elementwise_op(self.gm, node)
+            # Not zero at zero (a sigmoid): a writer's zero rows would not give zero units through it.
+            if not _carries_units(self.gm, node) or (op is not None and not op.zero_at_zero):
                 raise Ungrowable(f"'{node.name}' is added to it in '{add.name}' and growc cannot tell what writes it")
             self._add_member(node)
             node = node.args[0]

@@ -1,88 +1,236 @@
-"""Which graph nodes act element-wise (so a new unit passes through them on its own), and the
-slope at 0 of the activations among them, used to linearize new neurons."""
+"""The one table of element-wise ops: which graph nodes act on each unit alone (so a new unit
+passes through them on its own), and what growth needs to know of each.
+
+Every op is listed once by name in `OPS`, with
+  - its slope at 0, used to linearize a new neuron (for a kink, the mean of the one-sided slopes;
+    None for an op that passes values through unchanged, such as dropout),
+  - whether it maps 0 to 0 (a unit that is 0 stays 0 through it: needed where growth relies on
+    zero rows, as on a residual stream),
+  - whether it has a kink at 0 (the sign of a new neuron then matters: `growth/kinks.py`).
+The module classes, functions (`F.*`, `torch.*`, in-place forms) and tensor methods that compute
+each op point to its name; ops with parameters (LeakyReLU's slope, ELU's alpha...) read them from
+the module or the call.
+"""
 
 from __future__ import annotations
 
-import operator
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-# Slope at 0 used for the first-order prediction. For kinks (ReLU, LeakyReLU) the one-sided
-# slopes differ and no linearization is exact: growc uses their average, and says so.
-_MODULE_SLOPES: dict[type, float | None] = {
-    nn.ReLU: 0.5,
-    nn.ReLU6: 0.5,
-    nn.Tanh: 1.0,
-    nn.GELU: 0.5,
-    nn.SiLU: 0.5,
-    nn.Sigmoid: 0.25,
-    nn.ELU: 1.0,
-    nn.Softplus: 0.5,
-    nn.Hardtanh: 1.0,
-    nn.Mish: 0.6,
-    nn.Hardswish: 0.5,
-    nn.Identity: None,
-    nn.Dropout: None,
-    nn.Dropout1d: None,
-    nn.Dropout2d: None,
-    nn.AlphaDropout: None,
+
+@dataclass(frozen=True)
+class ElementwiseOp:
+    slope: float | None  # at 0; None: the op passes values through unchanged
+    zero_at_zero: bool = True
+    kinked: bool = False
+
+
+OPS: dict[str, ElementwiseOp] = {
+    "identity": ElementwiseOp(None),
+    "dropout": ElementwiseOp(None),  # identity in eval mode, a random mask in training: unit by unit
+    "contiguous": ElementwiseOp(None),
+    "clone": ElementwiseOp(None),
+    "relu": ElementwiseOp(0.5, kinked=True),
+    "relu6": ElementwiseOp(0.5, kinked=True),
+    "leaky_relu": ElementwiseOp(0.505, kinked=True),  # (1 + 0.01) / 2; the call's slope when given
+    "prelu": ElementwiseOp(0.625, kinked=True),  # (1 + 0.25) / 2; the module's weight when it has one
+    "rrelu": ElementwiseOp((1 + (1 / 8 + 1 / 3) / 2) / 2, kinked=True),  # the mean negative slope
+    "elu": ElementwiseOp(1.0),  # (1 + alpha) / 2: smooth at 0 for alpha = 1
+    "celu": ElementwiseOp(1.0),
+    "selu": ElementwiseOp(1.0507 * (1 + 1.6733) / 2),  # both one-sided slopes positive
+    "gelu": ElementwiseOp(0.5),
+    "silu": ElementwiseOp(0.5),
+    "mish": ElementwiseOp(0.6),  # tanh(softplus(0)) = tanh(log 2)
+    "hardswish": ElementwiseOp(0.5),
+    "tanh": ElementwiseOp(1.0),
+    "hardtanh": ElementwiseOp(1.0),
+    "softsign": ElementwiseOp(1.0),
+    "tanhshrink": ElementwiseOp(0.0),
+    "hardshrink": ElementwiseOp(0.0),
+    "softshrink": ElementwiseOp(0.0),
+    "sigmoid": ElementwiseOp(0.25, zero_at_zero=False),
+    "hardsigmoid": ElementwiseOp(1 / 6, zero_at_zero=False),
+    "softplus": ElementwiseOp(0.5, zero_at_zero=False),
+    "logsigmoid": ElementwiseOp(0.5, zero_at_zero=False),
 }
 
-_FUNCTION_SLOPES: dict[object, float | None] = {
-    F.relu: 0.5,
-    torch.relu: 0.5,
-    F.relu6: 0.5,
-    torch.tanh: 1.0,
-    F.tanh: 1.0,
-    F.gelu: 0.5,
-    F.silu: 0.5,
-    torch.sigmoid: 0.25,
-    F.sigmoid: 0.25,
-    F.elu: 1.0,
-    F.softplus: 0.5,
-    F.mish: 0.6,
-    F.hardswish: 0.5,
-    F.dropout: None,
-    torch.dropout: None,
+_MODULES: dict[type[nn.Module], str] = {
+    nn.Identity: "identity",
+    nn.Dropout: "dropout",
+    nn.Dropout1d: "dropout",
+    nn.Dropout2d: "dropout",
+    nn.Dropout3d: "dropout",
+    nn.AlphaDropout: "dropout",
+    nn.FeatureAlphaDropout: "dropout",
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.RReLU: "rrelu",
+    nn.ELU: "elu",
+    nn.CELU: "celu",
+    nn.SELU: "selu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Mish: "mish",
+    nn.Hardswish: "hardswish",
+    nn.Tanh: "tanh",
+    nn.Hardtanh: "hardtanh",
+    nn.Softsign: "softsign",
+    nn.Tanhshrink: "tanhshrink",
+    nn.Hardshrink: "hardshrink",
+    nn.Softshrink: "softshrink",
+    nn.Sigmoid: "sigmoid",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Softplus: "softplus",
+    nn.LogSigmoid: "logsigmoid",
 }
 
-_METHOD_SLOPES: dict[str, float | None] = {
-    "relu": 0.5,
-    "tanh": 1.0,
-    "sigmoid": 0.25,
-    "contiguous": None,
+_FUNCTIONS: dict[Callable, str] = {
+    F.dropout: "dropout",
+    F.dropout1d: "dropout",
+    F.dropout2d: "dropout",
+    F.dropout3d: "dropout",
+    F.alpha_dropout: "dropout",
+    F.feature_alpha_dropout: "dropout",
+    torch.dropout: "dropout",
+    F.relu: "relu",
+    F.relu_: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu",
+    F.leaky_relu_: "leaky_relu",
+    F.rrelu: "rrelu",
+    F.elu: "elu",
+    F.elu_: "elu",
+    F.celu: "celu",
+    torch.celu: "celu",
+    F.selu: "selu",
+    torch.selu: "selu",
+    F.gelu: "gelu",
+    F.silu: "silu",
+    F.mish: "mish",
+    F.hardswish: "hardswish",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    F.hardtanh: "hardtanh",
+    F.hardtanh_: "hardtanh",
+    F.softsign: "softsign",
+    F.tanhshrink: "tanhshrink",
+    F.hardshrink: "hardshrink",
+    F.softshrink: "softshrink",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.special.expit: "sigmoid",
+    F.hardsigmoid: "hardsigmoid",
+    F.softplus: "softplus",
+    F.logsigmoid: "logsigmoid",
 }
+
+_METHODS: dict[str, str] = {
+    "relu": "relu",
+    "relu_": "relu",
+    "tanh": "tanh",
+    "tanh_": "tanh",
+    "sigmoid": "sigmoid",
+    "sigmoid_": "sigmoid",
+    "contiguous": "contiguous",
+    "clone": "clone",
+}
+
+
+def _argument(node: fx.Node, position: int, name: str, default: float) -> float:
+    value = node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+    return float(value) if isinstance(value, (int, float)) else default
+
+
+def _module_slope(module: nn.Module, name: str) -> float | None:
+    """The slope at 0 of a parametrized activation module (None: the table's)."""
+    if isinstance(module, nn.LeakyReLU):
+        return (1.0 + module.negative_slope) / 2
+    if isinstance(module, nn.ELU):
+        return (1.0 + module.alpha) / 2
+    if isinstance(module, nn.RReLU):
+        return (1.0 + (module.lower + module.upper) / 2) / 2
+    if isinstance(module, nn.Hardtanh):  # also ReLU6, whose range [0, 6] puts its kink at 0
+        if module.min_val < 0 < module.max_val:
+            return 1.0
+        return 0.5 if module.min_val == 0 or module.max_val == 0 else 0.0
+    if isinstance(module, nn.PReLU):
+        return (1.0 + float(module.weight.detach().mean())) / 2
+    return None
+
+
+def _call_slope(node: fx.Node, name: str) -> float | None:
+    """The slope at 0 of a parametrized activation call (None: the table's)."""
+    if name == "leaky_relu":
+        return (1.0 + _argument(node, 1, "negative_slope", 0.01)) / 2
+    if name == "elu":
+        return (1.0 + _argument(node, 1, "alpha", 1.0)) / 2
+    if name == "rrelu":
+        return (1.0 + (_argument(node, 1, "lower", 1 / 8) + _argument(node, 2, "upper", 1 / 3)) / 2) / 2
+    if name == "hardtanh":
+        low, high = _argument(node, 1, "min_val", -1.0), _argument(node, 2, "max_val", 1.0)
+        return 1.0 if low < 0 < high else (0.5 if 0.0 in (low, high) else 0.0)
+    return None
+
+
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The table's name for the op `node` computes, if it is an element-wise one growc knows."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        kind = _MODULES.get(type(module))
+        if kind == "prelu" and module.weight.numel() != 1:
+            return None  # one slope per channel: a parameter of the units' size, not listed
+        return kind
+    if node.op == "call_function":
+        try:
+            return _FUNCTIONS.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHODS.get(str(node.target))
+    return None
+
+
+def elementwise_op(gm: fx.GraphModule, node: fx.Node) -> ElementwiseOp | None:
+    """The op with its slope at 0 for this very call (its parameters read), or None."""
+    name = op_name(gm, node)
+    if name is None:
+        return None
+    op = OPS[name]
+    slope = _module_slope(gm.get_submodule(str(node.target)), name) if node.op == "call_module" else None
+    if slope is None and node.op == "call_function":
+        slope = _call_slope(node, name)
+    return op if slope is None else ElementwiseOp(slope, op.zero_at_zero, op.kinked)
 
 
 def elementwise_slope(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, float | None]:
     """(is element-wise on its first input, slope at 0 or None for a pass-through op)."""
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, nn.LeakyReLU):
-            return True, (1.0 + module.negative_slope) / 2
-        for kind, slope in _MODULE_SLOPES.items():
-            if type(module) is kind:
-                return True, slope
-        return False, None
-    if node.op == "call_function":
-        if node.target is F.leaky_relu:
-            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
-            return True, (1.0 + float(slope)) / 2
-        if node.target in _FUNCTION_SLOPES:
-            return True, _FUNCTION_SLOPES[node.target]
-        if node.target in (operator.getitem,):
-            return False, None
-        return False, None
-    if node.op == "call_method" and node.target in _METHOD_SLOPES:
-        return True, _METHOD_SLOPES[str(node.target)]
-    return False, None
+    op = elementwise_op(gm, node)
+    return (False, None) if op is None else (True, op.slope)
 
 
 def activation_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The op as the user wrote it: the module's class, the function's or the method's name."""
     if node.op == "call_module":
         return type(gm.get_submodule(str(node.target))).__name__
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return str(node.target)
+
+
+def _kinked_names() -> frozenset[str]:
+    names = {cls.__name__ for cls, name in _MODULES.items() if OPS[name].kinked}
+    names |= {getattr(f, "__name__", "") for f, name in _FUNCTIONS.items() if OPS[name].kinked}
+    names |= {method for method, name in _METHODS.items() if OPS[name].kinked}
+    return frozenset(names)
+
+
+#: `activation_name`s of the ops with a kink at 0.
+KINKED_NAMES = _kinked_names()

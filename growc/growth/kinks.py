@@ -15,17 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
+from growc.graph.elementwise import KINKED_NAMES
 from growc.graph.samples import consumer_rows, producer_rows
 from growc.graph.site import Site
 from growc.growth.train import modes_kept
 from growc.tiny.input_mode import InputMode
 from growc.tiny.solver import Neurons
 
-KINKED = {"ReLU", "relu", "ReLU6", "relu6", "LeakyReLU", "leaky_relu"}
-
 
 def is_kinked(site: Site) -> bool:
-    return site.sign_testable and site.activation in KINKED
+    return site.sign_testable and site.activation in KINKED_NAMES
 
 
 def signed_gains(

@@ -1,0 +1,83 @@
+"""The element-wise op table: every entry's slope at 0 and its value at 0 are the op's own."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from growc.graph.candidates import find_width_sites
+from growc.graph.elementwise import _FUNCTIONS, _MODULES, OPS, elementwise_op
+from growc.graph.trace import trace
+
+H = 1e-6
+
+
+def _centred_slope(f) -> float:
+    """The mean of the one-sided derivatives at 0 (the linearization growc uses at a kink)."""
+    x = torch.tensor([-H, 0.0, H], dtype=torch.float64)
+    y = f(x)
+    return float((y[2] - y[0]) / (2 * H))
+
+
+def _first_call(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
+
+
+@pytest.mark.parametrize(
+    "cls", [c for c, name in _MODULES.items() if OPS[name].slope is not None], ids=lambda c: c.__name__
+)
+def test_each_activation_module_has_its_own_slope_and_value_at_zero(cls):
+    module = cls().double().eval()  # RReLU: its mean slope in eval mode
+    gm = trace(nn.Sequential(module))
+    op = elementwise_op(gm, _first_call(gm))
+    with torch.no_grad():
+        assert op.slope == pytest.approx(_centred_slope(module), abs=1e-4), cls.__name__
+        assert op.zero_at_zero == (float(module(torch.zeros(1, dtype=torch.float64))) == 0.0)
+
+
+@pytest.mark.parametrize(
+    "function",
+    [f for f, name in _FUNCTIONS.items() if OPS[name].slope is not None],
+    ids=lambda f: getattr(f, "__name__", str(f)),
+)
+def test_each_activation_function_has_its_own_slope_and_value_at_zero(function):
+    class Calls(nn.Module):
+        def forward(self, x):
+            return function(x.clone()) if function.__name__.endswith("_") else function(x)
+
+    gm = trace(Calls())
+    # F.tanh and F.sigmoid trace to the tensor methods they call.
+    node = next(n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and n.target != "clone")
+    op = elementwise_op(gm, node)
+    kwargs = {"training": False} if function is F.rrelu else {}
+    with torch.no_grad():
+        assert op.slope == pytest.approx(_centred_slope(lambda x: function(x.clone(), **kwargs)), abs=1e-4)
+        assert op.zero_at_zero == (float(function(torch.zeros(1, dtype=torch.float64), **kwargs)) == 0.0)
+
+
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        (lambda x: F.leaky_relu(x, 0.3), 0.65),
+        (lambda x: F.leaky_relu(x, negative_slope=0.1), 0.55),
+        (lambda x: F.elu(x, alpha=0.5), 0.75),
+        (lambda x: F.hardtanh(x, -3.0, 3.0), 1.0),
+        (lambda x: F.hardtanh(x, 0.0, 6.0), 0.5),
+    ],
+)
+def test_parameters_of_a_call_set_its_slope(call, expected):
+    class Calls(nn.Module):
+        def forward(self, x):
+            return call(x)
+
+    gm = trace(Calls())
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert elementwise_op(gm, node).slope == pytest.approx(expected)
+    assert _centred_slope(call) == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_per_channel_prelu_is_not_a_pass_through():
+    """PReLU with one slope per channel holds a parameter of the units' size: not in the table."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.PReLU(3), nn.Linear(3, 2))
+    report = find_width_sites(trace(model))
+    assert not report.sites and any(name == "0" for name, _ in report.skipped)
