@@ -32,7 +32,7 @@ def test_each_activation_module_has_its_own_slope_and_value_at_zero(cls):
     op = elementwise_op(gm, _first_call(gm))
     with torch.no_grad():
         assert op.slope == pytest.approx(_centred_slope(module), abs=1e-4), cls.__name__
-        assert op.zero_at_zero == (float(module(torch.zeros(1, dtype=torch.float64))) == 0.0)
+        assert op.value_at_zero == pytest.approx(float(module(torch.zeros(1, dtype=torch.float64))), abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,8 @@ def test_each_activation_function_has_its_own_slope_and_value_at_zero(function):
     kwargs = {"training": False} if function is F.rrelu else {}
     with torch.no_grad():
         assert op.slope == pytest.approx(_centred_slope(lambda x: function(x.clone(), **kwargs)), abs=1e-4)
-        assert op.zero_at_zero == (float(function(torch.zeros(1, dtype=torch.float64), **kwargs)) == 0.0)
+        at_zero = float(function(torch.zeros(1, dtype=torch.float64), **kwargs))
+        assert op.value_at_zero == pytest.approx(at_zero, abs=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -264,7 +264,7 @@ def test_optimizer_state_follows_units_inserted_between_old_ones():
     assert graph(*x).shape == (6, 3)
 
 
-def test_a_scalar_factor_carries_units_and_a_computed_gate_stops_them():
+def test_a_scalar_factor_carries_units_a_gate_grows_with_them_and_a_zero_factor_stops_them():
     from torch import nn
 
     class Scaled(nn.Module):
@@ -274,13 +274,21 @@ def test_a_scalar_factor_carries_units_and_a_computed_gate_stops_them():
 
         def forward(self, x):
             h = torch.relu(self.a(x)) * 2.0
-            return self.b(h * torch.sigmoid(self.gate(x))) if self.gated else self.b(h)
+            if self.factor == "sigmoid":
+                return self.b(h * torch.sigmoid(self.gate(x)))
+            if self.factor == "relu":  # 0 at 0: a new unit times the factor's new entry is always 0
+                return self.b(h * torch.relu(self.gate(x)))
+            return self.b(h)
 
-    Scaled.gated = False
+    Scaled.factor = None
     assert [s.name for s in find_width_sites(trace(Scaled())).sites] == ["a"]
-    Scaled.gated = True
+    Scaled.factor = "sigmoid"
+    (site,) = find_width_sites(trace(Scaled())).sites
+    assert (site.producer, site.writers) == ("a", ("gate",))
+    assert site.slope_at_zero == pytest.approx(0.5 * 0.5)  # ReLU's slope times sigmoid(0)
+    Scaled.factor = "relu"
     report = find_width_sites(trace(Scaled()))
-    assert not report.sites and "a gate" in dict(report.skipped)["a"]
+    assert not report.sites and "no layer reads" in dict(report.skipped)["a"]
 
 
 def test_single_channel_convs_are_plain_layers_not_depthwise_carriers():

@@ -297,6 +297,33 @@ class Activations(nn.Module):
         return self.head(F.selu(h))
 
 
+class SEMBConv(nn.Module):
+    """An EfficientNet / MobileNetV3 block: 1x1 expansion, depthwise 3x3, squeeze-excitation
+    (pooled, reduced, expanded, a sigmoid gate multiplying the channels), 1x1 projection, a
+    residual stream."""
+
+    def __init__(self, channels: int = 4, expand: int = 8, squeeze: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, channels, 3, padding=1)
+        self.expand = nn.Conv2d(channels, expand, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(expand)
+        self.depthwise = nn.Conv2d(expand, expand, 3, padding=1, groups=expand, bias=False)
+        self.bn2 = nn.BatchNorm2d(expand)
+        self.reduce = nn.Conv2d(expand, squeeze, 1)
+        self.restore = nn.Conv2d(squeeze, expand, 1)
+        self.project = nn.Conv2d(expand, channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = F.silu(self.bn1(self.expand(x)))
+        h = F.silu(self.bn2(self.depthwise(h)))
+        gate = torch.sigmoid(self.restore(F.silu(self.reduce(F.adaptive_avg_pool2d(h, 1)))))
+        x = x + self.bn3(self.project(h * gate))
+        return self.head(x.mean((2, 3)))
+
+
 def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shapes = {
@@ -317,6 +344,7 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         AttentionBlock: [(4, 6)],
         RootDropout: [(12,)],
         Activations: [(12,)],
+        SEMBConv: [(2, 8, 8)],
     }[type(model)]
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
@@ -339,4 +367,5 @@ ZOO = [
     AttentionBlock,
     RootDropout,
     Activations,
+    SEMBConv,
 ]

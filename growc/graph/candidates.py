@@ -297,6 +297,7 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
     consumers = tuple(name for name, _ in primary)
     value = primary[0][1]
     slope, act = value.slopes[0] if value.slopes else (1.0, "identity")
+    slope *= value.scale  # a gate on the way multiplies the new units by its value at 0
     norms = {n: n.args[0] for n in group.nodes if is_batchnorm(module_of(gm, n))}
     site = WidthSite(
         name=str(source.target),

@@ -4,7 +4,11 @@ Start from a layer's output and follow its units through the graph. Ops that act
 alone (activations, dropout, BatchNorm, depthwise convs, pooling, flattening) carry them along.
 An addition ties the dimension to the other operand: walking back from it finds the other
 layers that write the same units (a residual stream: the stem, every block's last layer, the
-downsampling shortcut). A concatenation places the units at an offset among other tensors'.
+downsampling shortcut). A product with another computed tensor of the units' size (a gate, as
+in squeeze-excitation: `x * sigmoid(fc2(...))`) ties the layer writing that factor the same way:
+it gets zero rows too, so the new units' factor is the gate's value at 0 (0.5 for a sigmoid) and
+a new unit that is 0 stays 0 whatever the gate. A concatenation places the units at an offset
+among other tensors'.
 What reads the units (a Linear or Conv2d) is a reader. Anything else (a model output, an op
 growc does not know, the model's input added to the stream) makes the group ungrowable, with
 the reason in words.
@@ -16,8 +20,9 @@ source layer, what each node holds at the new units: the source's new neurons (l
 
 from __future__ import annotations
 
+import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +66,8 @@ class Value:
     pools: tuple[tuple, ...] = ()
     slopes: tuple[tuple[float, str], ...] = ()
     slot: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # layers whose units come before / after
+    scale: float = 1.0  # constant factors on the way (gates at their value for zero rows)
+    constant: float | None = 0.0  # where not live: the value at the new units (None: unknown)
 
 
 def is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -255,10 +262,10 @@ class _Walk:
             return
         if _is_mul(user):
             others = [a for a in _tensor_args(user) if a is not node]
-            if any(a.op != "get_attr" for a in others):  # a scalar or the units themselves: element-wise
-                raise Ungrowable(
-                    f"'{user.name}' multiplies it by another computed tensor (a gate), which growc cannot widen"
-                )
+            for factor in others:  # a computed factor: a gate, whose writer grows with the units
+                if factor.op != "get_attr" and factor not in self.members:
+                    self._pull_writer(factor, user, verb="multiplied by")
+            others = [a for a in others if a.op == "get_attr"]
             self.group.broadcasts += [
                 (str(a.target), 1.0) for a in others if (str(a.target), 1.0) not in self.group.broadcasts
             ]
@@ -288,8 +295,11 @@ class _Walk:
     def _upstream(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in _tensor_args(node) if a in self.members]
 
-    def _pull_writer(self, operand: fx.Node, add: fx.Node) -> None:
-        """Walk back from an addition's other operand to the layer that writes it (a writer)."""
+    def _pull_writer(self, operand: fx.Node, add: fx.Node, verb: str = "added to") -> None:
+        """Walk back from an addition's other operand, or a product's other factor, to the layer
+        that writes it (a writer: it gets zero rows). A factor may go through ops that are not 0 at
+        0 (a gate's sigmoid); a term may not (the new units would not be the source's alone)."""
+        gate = verb != "added to"
         node = operand
         while node not in self.members:
             module = module_of(self.gm, node)
@@ -303,7 +313,9 @@ class _Walk:
                         self._pull_writer(other, add)
                 return
             if node.op == "placeholder":
-                raise Ungrowable(f"the model input '{node.name}' is added to it in '{add.name}': its size is fixed")
+                raise Ungrowable(f"the model input '{node.name}' is {verb} it in '{add.name}': its size is fixed")
+            if node.op == "get_attr" and gate:
+                raise Ungrowable(f"the tensor '{node.target}' is {verb} it in '{add.name}' through other ops")
             if node.op == "get_attr":  # a position embedding or bias: grows with zeros
                 if len(node.users) > 1:
                     raise Ungrowable(f"the tensor '{node.target}' added to it in '{add.name}' is also used elsewhere")
@@ -314,9 +326,7 @@ class _Walk:
                 params = [a for a in _tensor_args(node) if a.op == "get_attr"]
                 rest = [a for a in _tensor_args(node) if a.op != "get_attr"]
                 if len(rest) != 1 or not params:
-                    raise Ungrowable(
-                        f"'{node.name}' is added to it in '{add.name}' and growc cannot tell what writes it"
-                    )
+                    raise Ungrowable(f"'{node.name}' is {verb} it in '{add.name}' and growc cannot tell what writes it")
                 self.group.broadcasts += [(str(a.target), 1.0) for a in params]
                 self.group.broadcast_at.update({str(a.target): node for a in params})
                 self._add_member(node)
@@ -324,12 +334,12 @@ class _Walk:
                 continue
             op = elementwise_op(self.gm, node)
             # Not zero at zero (a sigmoid): a writer's zero rows would not give zero units through it.
-            if not _carries_units(self.gm, node) or (op is not None and not op.zero_at_zero):
-                raise Ungrowable(f"'{node.name}' is added to it in '{add.name}' and growc cannot tell what writes it")
+            if not _carries_units(self.gm, node) or (op is not None and not op.zero_at_zero and not gate):
+                raise Ungrowable(f"'{node.name}' is {verb} it in '{add.name}' and growc cannot tell what writes it")
             self._add_member(node)
             node = node.args[0]
             if not isinstance(node, fx.Node):
-                raise Ungrowable(f"'{operand.name}' is added to it in '{add.name}' and is not a layer's output")
+                raise Ungrowable(f"'{operand.name}' is {verb} it in '{add.name}' and is not a layer's output")
         self._add_member(node)
 
     def _enter_cat(self, node: fx.Node, cat: fx.Node) -> None:
@@ -374,9 +384,29 @@ def trace_values(gm: fx.GraphModule, group: Group, source: fx.Node) -> dict[fx.N
             continue
         inputs = [values[a] for a in _tensor_args(node) if a in values]
         live = [v for v in inputs if v.live]
+        if _is_mul(node) and len(inputs) > 1:
+            values[node] = _product(inputs)
+            continue
         base = live[0] if live else inputs[0]
         values[node] = _through(gm, node, base, bool(live), group)
     return values
+
+
+def _product(factors: list[Value]) -> Value:
+    """A product of the group's tensors (units times a gate): the source's neurons get through
+    when every other factor has a known non-zero value at the new units, which scales them."""
+    live = [v for v in factors if v.live]
+    others = [v for v in factors if not v.live]
+    known = [v.constant for v in others]
+    if any(c is None for c in known):
+        constant = None
+    else:
+        constant = math.prod(known)
+    if not live:
+        return replace(factors[0], constant=constant)
+    if constant is None or constant == 0.0:
+        return replace(live[0], live=False, constant=0.0 if constant == 0.0 else None)
+    return replace(live[0], scale=live[0].scale * constant)
 
 
 def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Group) -> Value:
@@ -398,8 +428,11 @@ def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Gro
         if module.stride != (1, 1):
             pools = (*pools, window(1, module.stride))  # its centre tap subsamples
     elif not _is_add(node) and not is_batchnorm(module):
-        slope = elementwise_slope(gm, node)[1]
-        if slope is not None:
-            slopes = (*slopes, (slope, activation_name(gm, node)))
+        op = elementwise_op(gm, node)
+        if op is not None and op.slope is not None:
+            slopes = (*slopes, (op.slope, activation_name(gm, node)))
             stage = "post" if stage == "pre" else stage
-    return Value(live=live, stage=stage, pools=pools, slopes=slopes, slot=slot)
+        if not live and op is not None and op.slope is not None:  # a zero unit through a sigmoid is 0.5
+            constant = op.value_at_zero if v.constant == 0.0 else None
+            return Value(False, stage, pools, slopes, slot, v.scale, constant)
+    return Value(live=live, stage=stage, pools=pools, slopes=slopes, slot=slot, scale=v.scale, constant=v.constant)

@@ -4,8 +4,8 @@ passes through them on its own), and what growth needs to know of each.
 Every op is listed once by name in `OPS`, with
   - its slope at 0, used to linearize a new neuron (for a kink, the mean of the one-sided slopes;
     None for an op that passes values through unchanged, such as dropout),
-  - whether it maps 0 to 0 (a unit that is 0 stays 0 through it: needed where growth relies on
-    zero rows, as on a residual stream),
+  - its value at 0 (0 for most: a unit that is 0 stays 0 through it, which growth relies on where
+    tied layers get zero rows; a gate's sigmoid gives 0.5),
   - whether it has a kink at 0 (the sign of a new neuron then matters: `growth/kinks.py`).
 The module classes, functions (`F.*`, `torch.*`, in-place forms) and tensor methods that compute
 each op point to its name; ops with parameters (LeakyReLU's slope, ELU's alpha...) read them from
@@ -14,6 +14,7 @@ the module or the call.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,8 +26,12 @@ from torch import fx, nn
 @dataclass(frozen=True)
 class ElementwiseOp:
     slope: float | None  # at 0; None: the op passes values through unchanged
-    zero_at_zero: bool = True
+    value_at_zero: float = 0.0
     kinked: bool = False
+
+    @property
+    def zero_at_zero(self) -> bool:
+        return self.value_at_zero == 0.0
 
 
 OPS: dict[str, ElementwiseOp] = {
@@ -52,10 +57,10 @@ OPS: dict[str, ElementwiseOp] = {
     "tanhshrink": ElementwiseOp(0.0),
     "hardshrink": ElementwiseOp(0.0),
     "softshrink": ElementwiseOp(0.0),
-    "sigmoid": ElementwiseOp(0.25, zero_at_zero=False),
-    "hardsigmoid": ElementwiseOp(1 / 6, zero_at_zero=False),
-    "softplus": ElementwiseOp(0.5, zero_at_zero=False),
-    "logsigmoid": ElementwiseOp(0.5, zero_at_zero=False),
+    "sigmoid": ElementwiseOp(0.25, value_at_zero=0.5),
+    "hardsigmoid": ElementwiseOp(1 / 6, value_at_zero=0.5),
+    "softplus": ElementwiseOp(0.5, value_at_zero=math.log(2.0)),
+    "logsigmoid": ElementwiseOp(0.5, value_at_zero=-math.log(2.0)),
 }
 
 _MODULES: dict[type[nn.Module], str] = {
@@ -207,7 +212,7 @@ def elementwise_op(gm: fx.GraphModule, node: fx.Node) -> ElementwiseOp | None:
     slope = _module_slope(gm.get_submodule(str(node.target)), name) if node.op == "call_module" else None
     if slope is None and node.op == "call_function":
         slope = _call_slope(node, name)
-    return op if slope is None else ElementwiseOp(slope, op.zero_at_zero, op.kinked)
+    return op if slope is None else ElementwiseOp(slope, op.value_at_zero, op.kinked)
 
 
 def elementwise_slope(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, float | None]:
