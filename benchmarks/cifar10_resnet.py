@@ -19,8 +19,8 @@ conv) grow together; before it, only each block's inner conv could widen.
 Data: the CIFAR-10 subset in ../shared/data (40,000 train, 10,000 test, JPEG; `growc.data.cifar10`),
 no augmentation. The CPU configuration uses a training and a test subset to finish in under
 30 minutes on 2 cores; `--device cuda` uses all of it with a configuration sized for about 5 minutes
-on one H100/H200 (not measured here). Test images are growc's validation set: growth decisions never
-look at them.
+on one H100/H200 (not measured here). Test images are growc's validation set: only the
+validation stop reads them (see benchmarks/README.md: no recorded run stopped on it).
 """
 
 from __future__ import annotations

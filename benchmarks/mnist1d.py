@@ -2,7 +2,8 @@
 
 MNIST-1D (4,000 training / 1,000 test sequences of length 40) is generated offline by the
 `mnist1d` package (`growc.data.mnist1d`, the package's default arguments, seed 42). Its 1,000
-test sequences are growc's validation set: growth decisions never look at them (the report does).
+test sequences are growc's validation set: only the validation stop reads them, and no recorded
+run stopped on it (benchmarks/README.md).
 
 Per model (MLP 40 -> [h1, h2] -> 10; CNN of three stride-2 convolutions and a linear head, the
 shape of MNIST-1D's reference CNN), all with the same seeds, data order, Adam learning rate and

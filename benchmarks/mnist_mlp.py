@@ -6,7 +6,8 @@ then two fixed baselines trained from scratch with Adam and a cosine decay: the 
 architecture of the tiny run trained for the tiny run's total number of epochs, and a large
 [1000, 1000] MLP (by default for the same number of epochs; --large-epochs to shorten it on a CPU).
 Test accuracy is on MNIST's 10,000 test images (growc's mnist loader uses them as the
-validation set: growth decisions do not look at them, only the report does).
+validation set: only the validation stop reads them, and no recorded run stopped on it; see
+benchmarks/README.md).
 """
 
 from __future__ import annotations
