@@ -157,6 +157,45 @@ class DenseBlock(nn.Module):
         return self.head(F.relu(self.norm3(torch.cat(features, 1))).mean((2, 3)))
 
 
+class DenseNetBlocks(nn.Module):
+    """torchvision's DenseNet in small: a pooled stem, dense layers with a 1x1 bottleneck reading
+    the concatenation of all earlier features, a transition (BN, ReLU, 1x1 conv, average pool)
+    whose output starts the next block's concatenations."""
+
+    def __init__(self, stem: int = 4, growth: int = 2, bottleneck: int = 4) -> None:
+        super().__init__()
+        self.conv0, self.norm0 = nn.Conv2d(2, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem)
+        self.pool0 = nn.MaxPool2d(2)
+
+        def dense_layer(inputs: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.BatchNorm2d(inputs),
+                nn.ReLU(),
+                nn.Conv2d(inputs, bottleneck, 1, bias=False),
+                nn.BatchNorm2d(bottleneck),
+                nn.ReLU(),
+                nn.Conv2d(bottleneck, growth, 3, padding=1, bias=False),
+            )
+
+        self.block1 = nn.ModuleList([dense_layer(stem), dense_layer(stem + growth)])
+        wide = stem + 2 * growth
+        self.transition = nn.Sequential(
+            nn.BatchNorm2d(wide), nn.ReLU(), nn.Conv2d(wide, stem, 1, bias=False), nn.AvgPool2d(2)
+        )
+        self.block2 = nn.ModuleList([dense_layer(stem)])
+        self.norm5 = nn.BatchNorm2d(stem + growth)
+        self.head = nn.Linear(stem + growth, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.pool0(F.relu(self.norm0(self.conv0(x))))]
+        for layer in self.block1:
+            features.append(layer(torch.cat(features, 1)))
+        features = [self.transition(torch.cat(features, 1))]
+        for layer in self.block2:
+            features.append(layer(torch.cat(features, 1)))
+        return self.head(F.relu(self.norm5(torch.cat(features, 1))).mean((2, 3)))
+
+
 class InceptionCeil(nn.Module):
     """GoogLeNet-style: a stem into a MaxPool2d with ceil_mode (8x8 from 16x16), then
     branches joined by concatenation, one of them a 3x3 max pool with padding."""
@@ -345,6 +384,7 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         RootDropout: [(12,)],
         Activations: [(12,)],
         SEMBConv: [(2, 8, 8)],
+        DenseNetBlocks: [(2, 8, 8)],
     }[type(model)]
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
@@ -368,4 +408,5 @@ ZOO = [
     RootDropout,
     Activations,
     SEMBConv,
+    DenseNetBlocks,
 ]

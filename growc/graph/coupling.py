@@ -364,7 +364,9 @@ class _Walk:
                 return (str(node.target),)
             if _is_cat(node):
                 return tuple(w for p in node.args[0] for w in self._widths_of(p, cat))
-            if not _carries_units(self.gm, node) or not isinstance(node.args[0], fx.Node):
+            # Pooling keeps the channels (DenseNet's stem and transitions feed its concatenations).
+            carries = _carries_units(self.gm, node) or is_pool(self.gm, node)
+            if not carries or not node.args or not isinstance(node.args[0], fx.Node):
                 raise Ungrowable(f"'{cat.name}' concatenates it with '{node.name}', whose width growc cannot follow")
             node = node.args[0]
 
