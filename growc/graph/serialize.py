@@ -21,7 +21,16 @@ from torch import fx, nn
 from growc.errors import CheckpointError
 from growc.graph.modes import is_mode_flag
 
-_NAMESPACES = {"torch", "torch.nn.functional", "torch.functional", "operator", "_operator", "math", "builtins"}
+_NAMESPACES = {
+    "torch",
+    "torch.nn.functional",
+    "torch.functional",
+    "torch.special",
+    "operator",
+    "_operator",
+    "math",
+    "builtins",
+}
 _BUILTINS = {"getattr", "len", "int", "float"}
 
 
@@ -38,6 +47,10 @@ def _function_name(fn: Any) -> str:
         module = "torch.nn.functional"
     elif fn is getattr(operator, str(name), None):
         module = "operator"
+    elif module.startswith("torch._C"):  # a C binding: its public name in torch.special, if any
+        public = next((attr for attr in dir(torch.special) if getattr(torch.special, attr) is fn), None)
+        if public is not None:
+            module, name = "torch.special", public
     if module not in _NAMESPACES or name is None or (module == "builtins" and name not in _BUILTINS):
         raise UnserializableModel(f"the graph calls {module}.{name}, which a checkpoint cannot name")
     return f"{module}:{name}"
