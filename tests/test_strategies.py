@@ -60,7 +60,9 @@ def test_noise_rarely_passes_and_never_on_average():
     of the trials, and its first neuron's held-out gain averages to about 0."""
     counts = _noise_counts()
     assert sum(c > 0 for c in counts) <= len(counts) * 0.3, counts
-    gains = torch.tensor([significant_neuron_count(_site(seed, "noise"), 1).held_out_alignment[0] for seed in range(20)])
+    gains = torch.tensor(
+        [significant_neuron_count(_site(seed, "noise"), 1).held_out_alignment[0] for seed in range(20)]
+    )
     planted = significant_neuron_count(_site(0, "planted"), 1).held_out_alignment[0]
     assert abs(float(gains.mean())) < 3 * float(gains.std()) / len(gains) ** 0.5
     assert float(gains.abs().max()) < 0.05 * planted

@@ -385,7 +385,9 @@ def test_readers_of_another_geometry_get_fitted_outgoing_weights():
             F.cross_entropy(graph(x[0][i : i + 32]), y[i : i + 32]).backward()
             collector.accumulate(32)
     (a,) = assess_sites(graph, [site], collector.accumulators, GrowthConfig())
-    assert {r for readers, _ in a.reached_moments for r in readers} == set(site.attached)  # all downstream of the source
+    assert {r for readers, _ in a.reached_moments for r in readers} == set(
+        site.attached
+    )  # all downstream of the source
     units, _ = new_units(a, a.solution.neurons.take(2), torch.float32)
     assert units.reached_omega and all(w.abs().sum() > 0 for w in units.reached_omega.values())
     batch = LineSearchBatch(x, y, F.cross_entropy)
