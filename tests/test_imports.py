@@ -55,11 +55,9 @@ def test_the_method_and_the_graph_import_without_each_other_or_the_pipeline():
     """tiny/ (the math) and graph/ (tracing, sites, rewriting) stand alone: neither loads the
     other, the growth loop, deployment, the API or the CLI."""
     pipeline = ("growc.growth", "growc.deploy", "growc.api", "growc.cli")
-    for module, other in [
-        ("growc.tiny.significance", "growc.graph"),
-        ("growc.tiny.strategies", "growc.graph"),
-        ("growc.graph.candidates", "growc.tiny"),
-        ("growc.graph.depth", "growc.tiny"),
+    for modules, other in [
+        ("growc.tiny.significance, growc.tiny.strategies", "growc.graph"),
+        ("growc.graph.candidates, growc.graph.depth", "growc.tiny"),
     ]:
-        loaded = {m for m in _loaded_after(f"import {module}") if m.startswith("growc")}
-        assert not {m for m in loaded if m.startswith((*pipeline, other))}, (module, sorted(loaded))
+        loaded = {m for m in _loaded_after(f"import {modules}") if m.startswith("growc")}
+        assert not {m for m in loaded if m.startswith((*pipeline, other))}, (modules, sorted(loaded))
