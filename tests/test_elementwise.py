@@ -64,6 +64,8 @@ def test_each_activation_function_has_its_own_slope_and_value_at_zero(function):
         (lambda x: F.elu(x, alpha=0.5), 0.75),
         (lambda x: F.hardtanh(x, -3.0, 3.0), 1.0),
         (lambda x: F.hardtanh(x, 0.0, 6.0), 0.5),
+        (lambda x: F.hardtanh(x, 0.5, 2.0), 0.0),
+        (lambda x: F.softplus(x, beta=2.0), 0.5),
     ],
 )
 def test_parameters_of_a_call_set_its_slope(call, expected):
@@ -73,8 +75,10 @@ def test_parameters_of_a_call_set_its_slope(call, expected):
 
     gm = trace(Calls())
     node = next(n for n in gm.graph.nodes if n.op == "call_function")
-    assert elementwise_op(gm, node).slope == pytest.approx(expected)
+    op = elementwise_op(gm, node)
+    assert op.slope == pytest.approx(expected)
     assert _centred_slope(call) == pytest.approx(expected, abs=1e-4)
+    assert op.value_at_zero == pytest.approx(float(call(torch.zeros(1, dtype=torch.float64))))
 
 
 def test_a_per_channel_prelu_is_not_a_pass_through():

@@ -29,6 +29,7 @@ from growc.graph.handlers import (
     is_feature_map_layer,
     is_growable_type,
     owner_of,
+    unhandled,
     unsupported_conv,
 )
 from growc.graph.rewrite import NewUnits, SiteGrowth
@@ -63,6 +64,7 @@ class WidthSite:
     spatial: bool = False  # the consumers are linear layers reading the flattened feature map
     pools: tuple[tuple, ...] = ()  # per-channel pooling on the way: coupling.window(...) or ("adaptive", size)
     writers: tuple[str, ...] = ()  # other layers writing the same units (residual additions): zero rows
+    gates: tuple[str, ...] = ()  # those of `writers` that write a factor multiplying the units (a gate)
     writer_norms: tuple[str, ...] = ()  # the BatchNorms right after those
     carriers: tuple[str, ...] = ()  # depthwise convs and other BatchNorms the units pass through
     attached: tuple[str, ...] = ()  # readers outside the statistics: zero columns, learnt in training
@@ -244,8 +246,10 @@ class CandidateReport:
 def describe_ties(site: WidthSite) -> str:
     """The layers a site's growth changes, in words: `producer -> consumers`, then the rest."""
     parts = [f"{site.producer}{' + ' + site.norm if site.norm else ''} -> {', '.join(site.consumers)}"]
-    if site.writers:
-        parts.append("also writing: " + ", ".join(site.writers))
+    if set(site.writers) - set(site.gates):
+        parts.append("also writing: " + ", ".join(w for w in site.writers if w not in site.gates))
+    if site.gates:
+        parts.append("gated by: " + ", ".join(site.gates))
     if site.carriers:
         parts.append("through: " + ", ".join(site.carriers))
     if site.attached:
@@ -258,8 +262,10 @@ def describe_ties(site: WidthSite) -> str:
 
 
 def site_kind(site: WidthSite) -> str:
-    if site.writers:
+    if set(site.writers) - set(site.gates):
         return "width, residual stream"
+    if site.gates:
+        return "width, gated"
     if site.slots:
         return "width, concatenated"
     return "width"
@@ -285,6 +291,12 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
             key = (handler_for(module).geometry(module), value.stage == "flat", value.pools, value.slot)
             classes.setdefault(key, []).append((str(reader.target), value))
     if not classes:
+        stopped = next((v.stopped for v in values.values() if v.stopped), None)
+        if stopped is not None:
+            raise Ungrowable(
+                f"'{stopped}' multiplies what '{source.target}' would add by a factor that is 0 there (a ReLU of "
+                "a layer's output, or the units themselves): the new units would stay 0"
+            )
         raise Ungrowable(f"no layer reads what '{source.target}' would add")
 
     # The statistics need one geometry; the largest class of readers is measured, the others
@@ -309,6 +321,7 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
         spatial=value.stage == "flat",
         pools=value.pools,
         writers=tuple(str(w.target) for w in group.writers if w is not source),
+        gates=tuple(str(w.target) for w in group.gates if w is not source),
         writer_norms=tuple(str(n.target) for n, into in norms.items() if into in group.writers and into is not source),
         carriers=tuple(
             str(n.target)
@@ -391,12 +404,14 @@ def find_width_sites(gm: fx.GraphModule) -> CandidateReport:
             continue
         placed.update((site.producer, *site.writers))
         report.sites.append(site)
+    # A walk from one writer can fail where one from another succeeds (a gate reached from its
+    # units' side through pooling): a layer a site holds has no reason to be left intact.
+    report.skipped = [(name, why) for name, why in report.skipped if name not in placed]
     carried = {c for site in report.sites for c in site.carriers}
     for node in gm.graph.nodes:
         module = module_of(gm, node)
-        if unsupported_conv(module) and str(node.target) not in carried:
-            why = "grouped or non-zero-padded convs are not grown; a depthwise conv grows with the layer feeding it"
-            report.skipped.append((str(node.target), why))
+        if node.op == "call_module" and str(node.target) not in carried and unhandled(module):
+            report.skipped.append((str(node.target), _unhandled_reason(module)))
         if node.op == "call_function" and node.target in (F.linear, F.conv2d):
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             held = getattr(weight, "target", "a computed tensor")
@@ -409,6 +424,15 @@ def find_width_sites(gm: fx.GraphModule) -> CandidateReport:
             )
     report.skipped += _unaccounted_layers(gm, report)
     return report
+
+
+def _unhandled_reason(module: nn.Module) -> str:
+    if unsupported_conv(module) and not torch.nn.utils.parametrize.is_parametrized(module):
+        return "grouped or non-zero-padded convs are not grown; a depthwise conv grows with the layer feeding it"
+    return (
+        f"the {type(module).__name__} computes its weight (a parametrization such as weight_norm) or "
+        "replaces its layer's forward: growc does not widen it"
+    )
 
 
 def _unaccounted_layers(gm: fx.GraphModule, report: CandidateReport) -> list[tuple[str, str]]:

@@ -55,6 +55,7 @@ class Group:
     # multiplied): (path, the value of their new entries: 0 for a term, 1 for a factor).
     broadcasts: list[tuple[str, float]] = field(default_factory=list)
     broadcast_at: dict[str, fx.Node] = field(default_factory=dict)  # path -> the op that applies it
+    gates: list[fx.Node] = field(default_factory=list)  # writers of factors multiplying the units (of `writers`)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class Value:
     slopes: tuple[tuple[float, str], ...] = ()
     slot: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # layers whose units come before / after
     scale: float = 1.0  # constant factors on the way (gates at their value for zero rows)
-    constant: float | None = 0.0  # where not live: the value at the new units (None: unknown)
+    constant: float | None = 0.0  # the value at the new units while their neurons are 0 (None: unknown)
+    stopped: str | None = None  # the product that cut the new neurons off here, if one did
 
 
 def is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -262,6 +264,12 @@ class _Walk:
             return
         if _is_mul(user):
             others = [a for a in _tensor_args(user) if a is not node]
+            computed = [a for a in others if a.op != "get_attr" and a not in self.members]
+            concatenated = node in self.group.cat_slots or any(n in self.group.cat_slots for n in self._upstream(node))
+            if computed and concatenated:  # the factor's writer would get its new rows at the end, not the offset
+                raise Ungrowable(
+                    f"'{user.name}' multiplies units that were concatenated with others by a computed factor"
+                )
             for factor in others:  # a computed factor: a gate, whose writer grows with the units
                 if factor.op != "get_attr" and factor not in self.members:
                     self._pull_writer(factor, user, verb="multiplied by")
@@ -304,13 +312,16 @@ class _Walk:
         while node not in self.members:
             module = module_of(self.gm, node)
             if handler_for(module) is not None:
+                self._check_width(node, add, verb)
                 self.group.writers.append(node)
+                if gate:
+                    self.group.gates.append(node)
                 break
             if _is_add(node):  # a sum of several writers (and perhaps the stream itself)
                 self._add_member(node)
                 for other in _tensor_args(node):
                     if other not in self.members:
-                        self._pull_writer(other, add)
+                        self._pull_writer(other, add, verb)
                 return
             if node.op == "placeholder":
                 raise Ungrowable(f"the model input '{node.name}' is {verb} it in '{add.name}': its size is fixed")
@@ -322,16 +333,19 @@ class _Walk:
                 self.group.broadcasts.append((str(node.target), 0.0))
                 self.group.broadcast_at[str(node.target)] = add
                 return
-            if _is_mul(node):  # a layer scale on the branch: x + gamma * f(x)
+            if _is_mul(node):  # a layer scale (x + gamma * f(x)), a gate (x + f(x) * sigmoid(g(...)))
                 params = [a for a in _tensor_args(node) if a.op == "get_attr"]
                 rest = [a for a in _tensor_args(node) if a.op != "get_attr"]
-                if len(rest) != 1 or not params:
-                    raise Ungrowable(f"'{node.name}' is {verb} it in '{add.name}' and growc cannot tell what writes it")
                 self.group.broadcasts += [(str(a.target), 1.0) for a in params]
                 self.group.broadcast_at.update({str(a.target): node for a in params})
                 self._add_member(node)
-                node = rest[0]
-                continue
+                if len(rest) == 1:
+                    node = rest[0]
+                    continue
+                for factor in rest:  # each factor's writer gets zero rows: their product is 0 at the units
+                    if factor not in self.members:
+                        self._pull_writer(factor, node, verb="multiplied by")
+                return
             op = elementwise_op(self.gm, node)
             # Not zero at zero (a sigmoid): a writer's zero rows would not give zero units through it.
             if not _carries_units(self.gm, node) or (op is not None and not op.zero_at_zero and not gate):
@@ -341,6 +355,17 @@ class _Walk:
             if not isinstance(node, fx.Node):
                 raise Ungrowable(f"'{operand.name}' is {verb} it in '{add.name}' and is not a layer's output")
         self._add_member(node)
+
+    def _check_width(self, writer: fx.Node, at: fx.Node, verb: str) -> None:
+        """A writer tied by an addition or a product must write as many units as the group's
+        first layer: a narrower one (a one-channel attention map) is broadcast over the units."""
+        start, module = self.group.writers[0], module_of(self.gm, writer)
+        width = handler_for(module_of(self.gm, start)).out_size(module_of(self.gm, start))
+        if handler_for(module).out_size(module) != width:
+            raise Ungrowable(
+                f"'{writer.name}' writes {handler_for(module).out_size(module)} values that are {verb} "
+                f"{width} units in '{at.name}' (broadcast), which growc cannot widen"
+            )
 
     def _enter_cat(self, node: fx.Node, cat: fx.Node) -> None:
         parts = cat.args[0] if cat.args else cat.kwargs.get("tensors", ())
@@ -387,28 +412,29 @@ def trace_values(gm: fx.GraphModule, group: Group, source: fx.Node) -> dict[fx.N
         inputs = [values[a] for a in _tensor_args(node) if a in values]
         live = [v for v in inputs if v.live]
         if _is_mul(node) and len(inputs) > 1:
-            values[node] = _product(inputs)
+            values[node] = _product(node, inputs)
             continue
         base = live[0] if live else inputs[0]
         values[node] = _through(gm, node, base, bool(live), group)
     return values
 
 
-def _product(factors: list[Value]) -> Value:
-    """A product of the group's tensors (units times a gate): the source's neurons get through
-    when every other factor has a known non-zero value at the new units, which scales them."""
+def _product(node: fx.Node, factors: list[Value]) -> Value:
+    """A product of the group's tensors (units times a gate, or `h * sigmoid(h)`). To first order
+    in the new neurons it is the one factor that is 0 while they are 0, times the others' values
+    there (the product rule); the neurons get through when exactly one factor moves with them and
+    the others have known non-zero values."""
+    known = [v.constant for v in factors]
+    constant = None if any(c is None for c in known) else math.prod(known)
     live = [v for v in factors if v.live]
-    others = [v for v in factors if not v.live]
-    known = [v.constant for v in others]
-    if any(c is None for c in known):
-        constant = None
-    else:
-        constant = math.prod(known)
     if not live:
         return replace(factors[0], constant=constant)
-    if constant is None or constant == 0.0:
-        return replace(live[0], live=False, constant=0.0 if constant == 0.0 else None)
-    return replace(live[0], scale=live[0].scale * constant)
+    moving = [i for i, v in enumerate(factors) if v.live and v.constant == 0.0]
+    others = [v.constant for i, v in enumerate(factors) if moving and i != moving[0]]
+    if len(moving) != 1 or any(c is None or c == 0.0 for c in others):
+        return replace(live[0], live=False, constant=constant, stopped=node.name)
+    chosen = factors[moving[0]]
+    return replace(chosen, scale=chosen.scale * math.prod(others), constant=constant)
 
 
 def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Group) -> Value:
@@ -434,7 +460,7 @@ def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Gro
         if op is not None and op.slope is not None:
             slopes = (*slopes, (op.slope, activation_name(gm, node)))
             stage = "post" if stage == "pre" else stage
-        if not live and op is not None and op.slope is not None:  # a zero unit through a sigmoid is 0.5
+        if op is not None and op.slope is not None:  # a zero unit through a sigmoid is 0.5
             constant = op.value_at_zero if v.constant == 0.0 else None
-            return Value(False, stage, pools, slopes, slot, v.scale, constant)
+            return Value(live, stage, pools, slopes, slot, v.scale, constant)
     return Value(live=live, stage=stage, pools=pools, slopes=slopes, slot=slot, scale=v.scale, constant=v.constant)

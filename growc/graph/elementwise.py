@@ -154,35 +154,45 @@ def _argument(node: fx.Node, position: int, name: str, default: float) -> float:
     return float(value) if isinstance(value, (int, float)) else default
 
 
-def _module_slope(module: nn.Module, name: str) -> float | None:
-    """The slope at 0 of a parametrized activation module (None: the table's)."""
+def _clamp(low: float, high: float) -> ElementwiseOp:
+    """x clamped to [low, high] at 0: slope 1 inside, a kink where the range ends at 0."""
+    if low < 0 < high:
+        return ElementwiseOp(1.0)
+    edge = low == 0 or high == 0
+    return ElementwiseOp(0.5 if edge else 0.0, value_at_zero=min(max(0.0, low), high), kinked=edge)
+
+
+def _module_op(module: nn.Module, op: ElementwiseOp) -> ElementwiseOp:
+    """The op of a parametrized activation module, its parameters read."""
     if isinstance(module, nn.LeakyReLU):
-        return (1.0 + module.negative_slope) / 2
+        return ElementwiseOp((1.0 + module.negative_slope) / 2, kinked=True)
     if isinstance(module, nn.ELU):
-        return (1.0 + module.alpha) / 2
+        return ElementwiseOp((1.0 + module.alpha) / 2)
     if isinstance(module, nn.RReLU):
-        return (1.0 + (module.lower + module.upper) / 2) / 2
+        return ElementwiseOp((1.0 + (module.lower + module.upper) / 2) / 2, kinked=True)
     if isinstance(module, nn.Hardtanh):  # also ReLU6, whose range [0, 6] puts its kink at 0
-        if module.min_val < 0 < module.max_val:
-            return 1.0
-        return 0.5 if module.min_val == 0 or module.max_val == 0 else 0.0
+        return _clamp(module.min_val, module.max_val)
     if isinstance(module, nn.PReLU):
-        return (1.0 + float(module.weight.detach().mean())) / 2
-    return None
+        return ElementwiseOp((1.0 + float(module.weight.detach().mean())) / 2, kinked=True)
+    if isinstance(module, nn.Softplus):
+        return ElementwiseOp(0.5, value_at_zero=math.log(2.0) / module.beta)
+    return op
 
 
-def _call_slope(node: fx.Node, name: str) -> float | None:
-    """The slope at 0 of a parametrized activation call (None: the table's)."""
+def _call_op(node: fx.Node, name: str, op: ElementwiseOp) -> ElementwiseOp:
+    """The op of a parametrized activation call, its arguments read."""
     if name == "leaky_relu":
-        return (1.0 + _argument(node, 1, "negative_slope", 0.01)) / 2
+        return ElementwiseOp((1.0 + _argument(node, 1, "negative_slope", 0.01)) / 2, kinked=True)
     if name == "elu":
-        return (1.0 + _argument(node, 1, "alpha", 1.0)) / 2
+        return ElementwiseOp((1.0 + _argument(node, 1, "alpha", 1.0)) / 2)
     if name == "rrelu":
-        return (1.0 + (_argument(node, 1, "lower", 1 / 8) + _argument(node, 2, "upper", 1 / 3)) / 2) / 2
+        lower, upper = _argument(node, 1, "lower", 1 / 8), _argument(node, 2, "upper", 1 / 3)
+        return ElementwiseOp((1.0 + (lower + upper) / 2) / 2, kinked=True)
     if name == "hardtanh":
-        low, high = _argument(node, 1, "min_val", -1.0), _argument(node, 2, "max_val", 1.0)
-        return 1.0 if low < 0 < high else (0.5 if 0.0 in (low, high) else 0.0)
-    return None
+        return _clamp(_argument(node, 1, "min_val", -1.0), _argument(node, 2, "max_val", 1.0))
+    if name == "softplus":
+        return ElementwiseOp(0.5, value_at_zero=math.log(2.0) / _argument(node, 1, "beta", 1.0))
+    return op
 
 
 def op_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -209,10 +219,11 @@ def elementwise_op(gm: fx.GraphModule, node: fx.Node) -> ElementwiseOp | None:
     if name is None:
         return None
     op = OPS[name]
-    slope = _module_slope(gm.get_submodule(str(node.target)), name) if node.op == "call_module" else None
-    if slope is None and node.op == "call_function":
-        slope = _call_slope(node, name)
-    return op if slope is None else ElementwiseOp(slope, op.value_at_zero, op.kinked)
+    if node.op == "call_module":
+        return _module_op(gm.get_submodule(str(node.target)), op)
+    if node.op == "call_function":
+        return _call_op(node, name, op)
+    return op
 
 
 def elementwise_slope(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, float | None]:

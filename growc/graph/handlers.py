@@ -135,8 +135,9 @@ class LayerHandler(ABC):
 
     def accepts(self, layer: nn.Module) -> bool:
         """Whether this handler grows `layer` (an instance of `layer_type`): a subclass that
-        replaces `forward` computes something else and is left alone."""
-        return type(layer).forward is self.layer_type.forward
+        replaces `forward` computes something else and is left alone, and so is a layer whose
+        weight is computed (weight_norm, spectral_norm: `torch.nn.utils.parametrize`)."""
+        return type(layer).forward is self.layer_type.forward and _plain_weights(layer)
 
     @abstractmethod
     def geometry(self, layer: nn.Module) -> tuple:
@@ -336,12 +337,18 @@ def centre_tap(layer: nn.Conv2d) -> tuple[int, int]:
     return (layer.kernel_size[0] - 1) // 2, (layer.kernel_size[1] - 1) // 2
 
 
+def _plain_weights(layer: nn.Module) -> bool:
+    """Its weight and bias are Parameters of its own, not computed from others."""
+    return not torch.nn.utils.parametrize.is_parametrized(layer) and isinstance(layer.weight, nn.Parameter)
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A depthwise conv that maps each channel to itself, position for position at its centre tap
     (odd kernel, zero "same" padding): a new channel can pass through it unchanged."""
     return (
         isinstance(module, nn.Conv2d)
         and type(module).forward is nn.Conv2d.forward
+        and _plain_weights(module)
         and module.groups == module.in_channels == module.out_channels
         and module.groups > 1  # one channel, one group: a plain conv
         and module.padding_mode == "zeros"
@@ -473,6 +480,12 @@ def is_batchnorm(module: nn.Module | None) -> bool:
 def is_growable_type(module: nn.Module | None) -> bool:
     """An instance of a layer type growc grows, whether or not this one can (a grouped conv)."""
     return isinstance(module, tuple(h.layer_type for h in LAYERS))
+
+
+def unhandled(module: nn.Module | None) -> bool:
+    """An instance of a growable type that no handler takes (a grouped or depthwise conv, a
+    parametrized or re-defined layer)."""
+    return is_growable_type(module) and handler_for(module) is None
 
 
 def unsupported_conv(module: nn.Module | None) -> bool:
