@@ -86,3 +86,14 @@ def test_a_per_channel_prelu_is_not_a_pass_through():
     model = nn.Sequential(nn.Linear(4, 3), nn.PReLU(3), nn.Linear(3, 2))
     report = find_width_sites(trace(model))
     assert not report.sites and any(name == "0" for name, _ in report.skipped)
+
+
+@pytest.mark.parametrize(
+    "activation, kinked",
+    [(nn.ReLU(), True), (nn.Hardtanh(0.0, 6.0), True), (nn.PReLU(), True), (nn.GELU(), False), (nn.Hardtanh(), False)],
+    ids=repr,
+)
+def test_a_site_knows_whether_its_activation_has_a_kink_at_zero(activation, kinked):
+    """The sign test (growth/kinks.py) runs where the activation has a kink at 0, whatever its name."""
+    (site,) = find_width_sites(trace(nn.Sequential(nn.Linear(4, 3), activation, nn.Linear(3, 2)))).sites
+    assert site.kinked is kinked

@@ -60,6 +60,7 @@ class WidthSite:
     consumers: tuple[str, ...]  # the readers in the statistics (same geometry and path)
     activation: str  # the first non-linearity on the way to the consumers
     slope_at_zero: float  # its slope at 0 (1.0 when the path is linear)
+    kinked: bool = False  # it has a kink at 0 (the ReLU family): the sign of a new neuron matters
     norm: str | None = None  # a BatchNorm right after the producer
     spatial: bool = False  # the consumers are linear layers reading the flattened feature map
     pools: tuple[tuple, ...] = ()  # per-channel pooling on the way: coupling.window(...) or ("adaptive", size)
@@ -308,7 +309,7 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
     primary = max(classes.values(), key=weight)
     consumers = tuple(name for name, _ in primary)
     value = primary[0][1]
-    slope, act = value.slopes[0] if value.slopes else (1.0, "identity")
+    slope, act, kinked = value.slopes[0] if value.slopes else (1.0, "identity", False)
     slope *= value.scale  # a gate on the way multiplies the new units by its value at 0
     norms = {n: n.args[0] for n in group.nodes if is_batchnorm(module_of(gm, n))}
     site = WidthSite(
@@ -317,6 +318,7 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
         consumers=consumers,
         activation=act,
         slope_at_zero=slope,
+        kinked=kinked,
         norm=next((str(n.target) for n, into in norms.items() if into is source), None),
         spatial=value.stage == "flat",
         pools=value.pools,

@@ -65,7 +65,7 @@ class Value:
     live: bool  # the source's new neurons reach it (else the units are zero there)
     stage: str  # "pre" / "post" (an activation passed) / "pooled" / "flat" (flattened for a linear layer)
     pools: tuple[tuple, ...] = ()
-    slopes: tuple[tuple[float, str], ...] = ()
+    slopes: tuple[tuple[float, str, bool], ...] = ()  # (slope at 0, op's name, kink at 0) per non-linearity
     slot: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # layers whose units come before / after
     scale: float = 1.0  # constant factors on the way (gates at their value for zero rows)
     constant: float | None = 0.0  # the value at the new units while their neurons are 0 (None: unknown)
@@ -458,7 +458,7 @@ def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Gro
     elif not _is_add(node) and not is_batchnorm(module):
         op = elementwise_op(gm, node)
         if op is not None and op.slope is not None:
-            slopes = (*slopes, (op.slope, activation_name(gm, node)))
+            slopes = (*slopes, (op.slope, activation_name(gm, node), op.kinked))
             stage = "post" if stage == "pre" else stage
         if op is not None and op.slope is not None:  # a zero unit through a sigmoid is 0.5
             constant = op.value_at_zero if v.constant == 0.0 else None

@@ -55,6 +55,7 @@ class DepthSite:
     adds_modules: ClassVar[bool] = True
     # The sign test replays a producer's inputs; the block's input layer does not exist yet.
     sign_testable: ClassVar[bool] = False
+    kinked: ClassVar[bool] = False
 
     def channels(self, root: nn.Module) -> int:
         consumer = root.get_submodule(self.consumer)

@@ -239,14 +239,3 @@ def activation_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return str(node.target)
-
-
-def _kinked_names() -> frozenset[str]:
-    names = {cls.__name__ for cls, name in _MODULES.items() if OPS[name].kinked}
-    names |= {getattr(f, "__name__", "") for f, name in _FUNCTIONS.items() if OPS[name].kinked}
-    names |= {method for method, name in _METHODS.items() if OPS[name].kinked}
-    return frozenset(names)
-
-
-#: `activation_name`s of the ops with a kink at 0.
-KINKED_NAMES = _kinked_names()

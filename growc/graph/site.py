@@ -117,6 +117,11 @@ class Site(Protocol):
         ...
 
     @property
+    def kinked(self) -> bool:
+        """Its activation has a kink at 0 (the ReLU family, `graph/elementwise.py`)."""
+        ...
+
+    @property
     def sign_testable(self) -> bool:
         """Whether the sign test under a kinked activation applies (it replays the producer)."""
         ...

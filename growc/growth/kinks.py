@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from growc.graph.candidates import WidthSite
-from growc.graph.elementwise import KINKED_NAMES
 from growc.graph.samples import consumer_rows, producer_rows
 from growc.graph.site import Site
 from growc.growth.train import modes_kept
@@ -24,7 +23,7 @@ from growc.tiny.solver import Neurons
 
 
 def is_kinked(site: Site) -> bool:
-    return site.sign_testable and site.activation in KINKED_NAMES
+    return site.sign_testable and site.kinked
 
 
 def signed_gains(
