@@ -29,8 +29,7 @@ from growc.graph.handlers import (
     is_feature_map_layer,
     is_growable_type,
     owner_of,
-    unhandled,
-    unsupported_conv,
+    unhandled_reason,
 )
 from growc.graph.rewrite import NewUnits, SiteGrowth
 from growc.graph.samples import consumer_rows, producer_rows, sampled_conv_rows
@@ -412,8 +411,9 @@ def find_width_sites(gm: fx.GraphModule) -> CandidateReport:
     carried = {c for site in report.sites for c in site.carriers}
     for node in gm.graph.nodes:
         module = module_of(gm, node)
-        if node.op == "call_module" and str(node.target) not in carried and unhandled(module):
-            report.skipped.append((str(node.target), _unhandled_reason(module)))
+        why = unhandled_reason(module) if node.op == "call_module" and str(node.target) not in carried else None
+        if why is not None:
+            report.skipped.append((str(node.target), why))
         if node.op == "call_function" and node.target in (F.linear, F.conv2d):
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             held = getattr(weight, "target", "a computed tensor")
@@ -426,15 +426,6 @@ def find_width_sites(gm: fx.GraphModule) -> CandidateReport:
             )
     report.skipped += _unaccounted_layers(gm, report)
     return report
-
-
-def _unhandled_reason(module: nn.Module) -> str:
-    if unsupported_conv(module) and not torch.nn.utils.parametrize.is_parametrized(module):
-        return "grouped or non-zero-padded convs are not grown; a depthwise conv grows with the layer feeding it"
-    return (
-        f"the {type(module).__name__} computes its weight (a parametrization such as weight_norm) or "
-        "replaces its layer's forward: growc does not widen it"
-    )
 
 
 def _unaccounted_layers(gm: fx.GraphModule, report: CandidateReport) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from growc.graph.elementwise import activation_name, elementwise_op, elementwise_slope
-from growc.graph.handlers import handler_for, is_batchnorm, is_depthwise, unsupported_conv
+from growc.graph.handlers import handler_for, is_batchnorm, is_depthwise, unhandled_reason
 from growc.graph.modes import is_mode_flag
 from growc.graph.trace import module_of
 
@@ -290,8 +290,9 @@ class _Walk:
         if _carries_units(self.gm, user) or is_pool(self.gm, user) or is_flatten(self.gm, user) or is_global_mean(user):
             self._add_member(user)
             return
-        if unsupported_conv(module):
-            raise Ungrowable(f"it is read by the grouped or padded conv '{user.name}', which growc cannot widen")
+        why = unhandled_reason(module)
+        if why is not None:
+            raise Ungrowable(f"it is read by '{user.name}', which growc cannot widen: {why}")
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
             raise Ungrowable(
                 f"the {type(module).__name__} '{user.name}' normalizes across these units: a new unit would "

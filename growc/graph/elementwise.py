@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -162,37 +162,37 @@ def _clamp(low: float, high: float) -> ElementwiseOp:
     return ElementwiseOp(0.5 if edge else 0.0, value_at_zero=min(max(0.0, low), high), kinked=edge)
 
 
-def _module_op(module: nn.Module, op: ElementwiseOp) -> ElementwiseOp:
-    """The op of a parametrized activation module, its parameters read."""
-    if isinstance(module, nn.LeakyReLU):
-        return ElementwiseOp((1.0 + module.negative_slope) / 2, kinked=True)
-    if isinstance(module, nn.ELU):
-        return ElementwiseOp((1.0 + module.alpha) / 2)
-    if isinstance(module, nn.RReLU):
-        return ElementwiseOp((1.0 + (module.lower + module.upper) / 2) / 2, kinked=True)
-    if isinstance(module, nn.Hardtanh):  # also ReLU6, whose range [0, 6] puts its kink at 0
-        return _clamp(module.min_val, module.max_val)
-    if isinstance(module, nn.PReLU):
-        return ElementwiseOp((1.0 + float(module.weight.detach().mean())) / 2, kinked=True)
-    if isinstance(module, nn.Softplus):
-        return ElementwiseOp(0.5, value_at_zero=math.log(2.0) / module.beta)
-    return op
+#: The parameters an op's slope or value at 0 depends on: (name, position in a call, default).
+_PARAMETERS: dict[str, tuple[tuple[str, int, float], ...]] = {
+    "leaky_relu": (("negative_slope", 1, 0.01),),
+    "elu": (("alpha", 1, 1.0),),
+    "rrelu": (("lower", 1, 1 / 8), ("upper", 2, 1 / 3)),
+    "hardtanh": (("min_val", 1, -1.0), ("max_val", 2, 1.0)),
+    "softplus": (("beta", 1, 1.0),),
+    "prelu": (("weight", 1, 0.25),),  # its one slope, a Parameter
+}
 
 
-def _call_op(node: fx.Node, name: str, op: ElementwiseOp) -> ElementwiseOp:
-    """The op of a parametrized activation call, its arguments read."""
+def _with_parameters(name: str, op: ElementwiseOp, p: dict[str, float]) -> ElementwiseOp:
+    """The table's op with its parameters' effect on the slope or the value at 0."""
     if name == "leaky_relu":
-        return ElementwiseOp((1.0 + _argument(node, 1, "negative_slope", 0.01)) / 2, kinked=True)
+        return replace(op, slope=(1.0 + p["negative_slope"]) / 2)
+    if name == "prelu":
+        return replace(op, slope=(1.0 + p["weight"]) / 2)
     if name == "elu":
-        return ElementwiseOp((1.0 + _argument(node, 1, "alpha", 1.0)) / 2)
-    if name == "rrelu":
-        lower, upper = _argument(node, 1, "lower", 1 / 8), _argument(node, 2, "upper", 1 / 3)
-        return ElementwiseOp((1.0 + (lower + upper) / 2) / 2, kinked=True)
+        return replace(op, slope=(1.0 + p["alpha"]) / 2)
+    if name == "rrelu":  # in eval mode the negative slope is the mean of its range
+        return replace(op, slope=(1.0 + (p["lower"] + p["upper"]) / 2) / 2)
     if name == "hardtanh":
-        return _clamp(_argument(node, 1, "min_val", -1.0), _argument(node, 2, "max_val", 1.0))
+        return _clamp(p["min_val"], p["max_val"])
     if name == "softplus":
-        return ElementwiseOp(0.5, value_at_zero=math.log(2.0) / _argument(node, 1, "beta", 1.0))
+        return replace(op, value_at_zero=math.log(2.0) / p["beta"])
     return op
+
+
+def _module_parameter(module: nn.Module, name: str) -> float:
+    value = getattr(module, name)
+    return float(value.detach().mean()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def op_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -218,11 +218,12 @@ def elementwise_op(gm: fx.GraphModule, node: fx.Node) -> ElementwiseOp | None:
     name = op_name(gm, node)
     if name is None:
         return None
-    op = OPS[name]
+    op, parameters = OPS[name], _PARAMETERS.get(name, ())
     if node.op == "call_module":
-        return _module_op(gm.get_submodule(str(node.target)), op)
+        module = gm.get_submodule(str(node.target))
+        return _with_parameters(name, op, {p: _module_parameter(module, p) for p, _, _ in parameters})
     if node.op == "call_function":
-        return _call_op(node, name, op)
+        return _with_parameters(name, op, {p: _argument(node, i, p, d) for p, i, d in parameters})
     return op
 
 

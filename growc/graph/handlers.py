@@ -482,15 +482,17 @@ def is_growable_type(module: nn.Module | None) -> bool:
     return isinstance(module, tuple(h.layer_type for h in LAYERS))
 
 
-def unhandled(module: nn.Module | None) -> bool:
-    """An instance of a growable type that no handler takes (a grouped or depthwise conv, a
-    parametrized or re-defined layer)."""
-    return is_growable_type(module) and handler_for(module) is None
-
-
-def unsupported_conv(module: nn.Module | None) -> bool:
-    """A conv of a growable type that no handler takes (grouped, or not zero-padded)."""
-    return isinstance(module, nn.Conv2d) and handler_for(module) is None
+def unhandled_reason(module: nn.Module | None) -> str | None:
+    """Why no handler takes an instance of a growable type (None: one does, or it is not one)."""
+    if not is_growable_type(module) or handler_for(module) is not None:
+        return None
+    base = next(h.layer_type for h in LAYERS if isinstance(module, h.layer_type))
+    if type(module).forward is not base.forward or not _plain_weights(module):
+        return (
+            f"the {type(module).__name__} computes its weight (a parametrization such as weight_norm) or "
+            "replaces its layer's forward: growc does not widen it"
+        )
+    return "grouped or non-zero-padded convs are not grown; a depthwise conv grows with the layer feeding it"
 
 
 def layer_multiply_adds(module: nn.Module, output: Tensor) -> int:
