@@ -48,11 +48,7 @@ class GrowthResult:
 
 
 def _line_search_batch(loader: Iterable, samples: int, device: torch.device, loss_fn: LossFn) -> LineSearchBatch:
-    try:
-        inputs, target = first_samples(loader, samples, device)
-    except GrowcError:
-        raise GrowcError("the training data is empty: give at least one batch of samples") from None
-    return LineSearchBatch(inputs, target, loss_fn)
+    return LineSearchBatch(*first_samples(loader, samples, device, what="the training data"), loss_fn)
 
 
 def widths(model: nn.Module, sites: list) -> dict[str, int]:

@@ -38,7 +38,9 @@ def join_batches(parts: list[tuple[list[Tensor], Tensor]], limit: int) -> tuple[
     return inputs, torch.cat([p[1] for p in parts])[:limit]
 
 
-def first_samples(loader: Iterable, limit: int, device: torch.device | None = None) -> tuple[list[Tensor], Tensor]:
+def first_samples(
+    loader: Iterable, limit: int, device: torch.device | None = None, what: str = "the data"
+) -> tuple[list[Tensor], Tensor]:
     """The first `limit` samples of a loader of (*inputs, target) batches (all, if it has fewer),
     on `device` (None: where the loader puts them)."""
     parts: list[tuple[list[Tensor], Tensor]] = []
@@ -50,7 +52,7 @@ def first_samples(loader: Iterable, limit: int, device: torch.device | None = No
         if count >= limit:
             break
     if not parts:
-        raise GrowcError("the data is empty: give at least one batch of samples")
+        raise GrowcError(f"{what} is empty: give at least one batch of samples")
     return join_batches(parts, limit)
 
 
