@@ -704,7 +704,19 @@ def test_piped_output_at_80_columns_is_whole(tmp_path):
     (a long site name folds instead)."""
     path = write(tmp_path / "long_names.py", LONG_SITE_NAMES)
     proc = subprocess.run(
-        [sys.executable, "-m", "growc", "grow", str(path), "--out", str(tmp_path / "out"), "--steps", "1"],
+        [
+            sys.executable,
+            "-m",
+            "growc",
+            "grow",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+            "--steps",
+            "1",
+            "--final-epochs",
+            "1",
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
