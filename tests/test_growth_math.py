@@ -1,8 +1,10 @@
+
 """The method on real modules: exact function preservation, first-order predictions that match
 the observed loss change, and TINY neurons that beat random ones."""
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,3 +168,21 @@ def test_optimizer_state_survives_growth():
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
     assert model.state_dict()[f"{site.producer}.weight"].shape == (6, 8)
+
+
+def test_a_line_search_does_not_evaluate_what_it_already_knows():
+    """Losses already measured (the model as it stands, at 0) are taken, not measured again; the
+    rest are evaluated once each, and the best is chosen over both."""
+    from growc.growth.amplitude import line_search
+
+    asked = []
+
+    def loss_at(value: float) -> float:
+        asked.append(value)
+        return (value - 0.3) ** 2
+
+    best, loss, losses = line_search(loss_at, (0.0, 0.25, 0.5, 1.0), known={0.0: 0.05})
+    assert asked == [0.25, 0.5, 1.0]
+    assert best == 0.25 and loss == pytest.approx(0.0025) and losses[0.0] == 0.05
+    best, loss, _ = line_search(loss_at, (0.0, 0.25), known={0.0: 0.0})
+    assert best == 0.0 and loss == 0.0 and asked[-1] == 0.25

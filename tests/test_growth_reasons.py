@@ -69,9 +69,9 @@ def test_a_line_search_that_keeps_zero_says_what_it_tried(measured, monkeypatch)
     graph, assessments, batch = measured
     real_search = step_module.line_search
 
-    def keeps_zero(loss_at, candidates):
+    def keeps_zero(loss_at, candidates, known=None):
         """The real losses at every amplitude, then 0 chosen, as when every amplitude hurts."""
-        _, _, losses = real_search(loss_at, candidates)
+        _, _, losses = real_search(loss_at, candidates, known)
         return 0.0, losses[0.0], losses
 
     monkeypatch.setattr(step_module, "line_search", keeps_zero)

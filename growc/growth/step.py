@@ -246,14 +246,15 @@ class LineSearchBatch:
 class BestUpdate:
     """The consumers' best update as applied: its size, its predicted gain, how to take it back."""
 
+    loss: float  # the line-search batch's loss with the update applied
     fraction: float = 0.0
     predicted: float = 0.0
     restore: Callable[[], None] | None = None
 
 
 @torch.no_grad()
-def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBatch) -> BestUpdate:
-    """Line search on the size of the consumers' best update."""
+def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBatch, loss_before: float) -> BestUpdate:
+    """Line search on the size of the consumers' best update (`loss_before`: the loss without it)."""
     consumers = [model.get_submodule(c) for c in a.site.consumers]
     originals = [handler_for(c).weight_matrix(c).clone() for c in consumers]
     units = []
@@ -276,14 +277,14 @@ def _apply_best_update(model: nn.Module, a: SiteAssessment, batch: LineSearchBat
         set_fraction(f)
         return batch.loss(model)
 
-    best, _, _ = line_search(loss_at, UPDATE_FRACTIONS)
+    best, loss, _ = line_search(loss_at, UPDATE_FRACTIONS, known={0.0: loss_before})
     set_fraction(best)
     predicted = 0.0
     for w, u in zip(originals, a.solution.updates):
         norm = float(u.delta.norm())
         if norm > 0 and u.delta.shape[1] == w.shape[1]:
             predicted += best * float(w.norm()) / norm * u.first_order_gain * a.solution.rows_per_sample
-    return BestUpdate(best, predicted, functools.partial(set_fraction, 0.0))
+    return BestUpdate(loss, best, predicted, functools.partial(set_fraction, 0.0))
 
 
 @dataclass
@@ -304,17 +305,18 @@ def grow_site(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[SiteGrow
     the whole change back."""
     model, batch = ctx.model, ctx.batch
     loss_before = batch.loss(model)
-    update = BestUpdate()
+    update = BestUpdate(loss_before)
     if ctx.config.update_existing and a.site.consumers:
-        update = _apply_best_update(model, a, batch)
+        update = _apply_best_update(model, a, batch, loss_before)
     neurons, reason = _proposed_neurons(ctx, a, count)
     if neurons.count == 0:
         reason = reason or f"the strategy proposed no neuron ({count} asked)"
-        return _no_growth(a, reason, loss_before - batch.loss(model), update)
+        return _no_growth(a, reason, loss_before - update.loss, update)
     units, scale = new_units(a, neurons, next(model.parameters()).dtype)
     growth = a.site.grow(model, units)
     growth.calibrate(functools.partial(batch.run_eval, model))
-    gamma, refused = _chosen_amplitude(ctx, growth)
+    # Amplitude 0 is the model as it was (growth is exact there): its loss is the update's.
+    gamma, refused, loss_after = _chosen_amplitude(ctx, growth, update.loss)
     predicted = update.predicted
     if gamma == 0.0:
         growth.undo()
@@ -327,7 +329,7 @@ def grow_site(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[SiteGrow
         site=a.site.name,
         neurons=neurons.count if growth is not None else 0,
         predicted_gain=predicted,
-        observed_gain=loss_before - batch.loss(model),
+        observed_gain=loss_before - loss_after,
         gamma=gamma,
         update_fraction=update.fraction,
         significant=a.significant,
@@ -357,27 +359,31 @@ def _proposed_neurons(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[
     )
 
 
-def _chosen_amplitude(ctx: StepContext, growth: Growth) -> tuple[float, str | None]:
-    """The amplitude the new units keep, set on them; with 0, why."""
+def _chosen_amplitude(ctx: StepContext, growth: Growth, loss_at_zero: float) -> tuple[float, str | None, float]:
+    """The amplitude the new units keep, set on them; with 0, why; and the line-search loss there."""
     if ctx.strategy.function_preserving:
         growth.set_amplitude(1.0)
-        return 1.0, None
+        return 1.0, None, ctx.batch.loss(ctx.model)
 
     def loss_at(g: float) -> float:
         growth.set_amplitude(g)
         return ctx.batch.loss(ctx.model)
 
-    gamma, _, losses = line_search(loss_at, NEURON_AMPLITUDES)
+    gamma, loss, losses = line_search(loss_at, NEURON_AMPLITUDES, known={0.0: loss_at_zero})
+    growth.set_amplitude(gamma)
     if gamma != 0.0:
-        growth.set_amplitude(gamma)
-        return gamma, None
+        return gamma, None, loss
     tried = [g for g in losses if g > 0]
     best = min(tried, key=lambda g: losses[g]) if tried else None
     if best is None or 0.0 not in losses:
-        return 0.0, "the line search kept amplitude 0"
-    return 0.0, (
-        f"the line search kept amplitude 0: every amplitude tried raised the line-search loss "
-        f"(the least, {best:g}, gave {losses[best]:.4g} against {losses[0.0]:.4g} at 0)"
+        return 0.0, "the line search kept amplitude 0", loss
+    return (
+        0.0,
+        (
+            f"the line search kept amplitude 0: every amplitude tried raised the line-search loss "
+            f"(the least, {best:g}, gave {losses[best]:.4g} against {losses[0.0]:.4g} at 0)"
+        ),
+        loss,
     )
 
 
@@ -431,18 +437,17 @@ def grow_allocated(
 def _no_growth(
     a: SiteAssessment, reason: str | None, observed: float = 0.0, update: BestUpdate | None = None
 ) -> tuple[SiteGrowthRecord, Callable[[], None]]:
-    update = update or BestUpdate()
     record = SiteGrowthRecord(
         site=a.site.name,
         neurons=0,
-        predicted_gain=update.predicted,
+        predicted_gain=update.predicted if update else 0.0,
         observed_gain=observed,
         gamma=0.0,
-        update_fraction=update.fraction,
+        update_fraction=update.fraction if update else 0.0,
         significant=a.significant,
         reason=reason,
     )
-    return record, (update.restore or (lambda: None))
+    return record, (update.restore if update and update.restore else (lambda: None))
 
 
 def _group_settings(optimizer: torch.optim.Optimizer) -> dict:
