@@ -1,4 +1,3 @@
-
 """The method on real modules: exact function preservation, first-order predictions that match
 the observed loss change, and TINY neurons that beat random ones."""
 

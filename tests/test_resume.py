@@ -126,21 +126,32 @@ def test_each_stopping_rule_stops_the_run(settings, reason):
 
 
 def test_a_step_that_breaks_the_loss_is_rolled_back(monkeypatch):
+    """Each site's amplitude is searched on an honest loss; the check of the whole step that
+    follows sees a non-finite one (as when sites safe alone break it together): all is undone."""
+    import growc.growth.loop as loop_module
+
     model, train, val = _setup()
-    calls = {"n": 0}
-    original = LineSearchBatch.loss
+    state = {"grown": False}
+    original_loss, original_grow = LineSearchBatch.loss, loop_module.grow_allocated
+
+    def grow_allocated(*args, **kwargs):
+        out = original_grow(*args, **kwargs)
+        state["grown"] = bool(out[1])  # something grew: the next loss is the step's check
+        return out
 
     def loss(self, m):
-        # Honest during the amplitude searches, NaN at the check that follows them.
-        value = original(self, m)
-        calls["n"] += 1
-        return math.nan if calls["n"] > 40 and calls["n"] % 2 == 0 else value
+        if state["grown"]:
+            state["grown"] = False
+            return math.nan
+        return original_loss(self, m)
 
+    monkeypatch.setattr(loop_module, "grow_allocated", grow_allocated)
     monkeypatch.setattr(LineSearchBatch, "loss", loss)
     result = grow(model, train, val, F.cross_entropy, growc.GrowthConfig(steps=3, final_epochs=0))
     rolled = [s for s in result.report.steps if "rolled back" in s.note]
     assert rolled, [s.note for s in result.report.steps]
     assert all(g.neurons == 0 for s in rolled for g in s.grown)
+    assert result.report.final["final_params"] == result.report.final["initial_params"]  # every step undone
 
 
 def test_non_finite_training_loss_is_a_clear_error():

@@ -26,6 +26,10 @@ def _randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None
                     m.weight.copy_(torch.randn(m.num_features, generator=generator))
                     m.bias.copy_(torch.randn(m.num_features, generator=generator))
                 m.momentum = 0.0  # a training-mode forward leaves the running statistics as they are
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.3)
 
 
 def _outputs(model, x, seed=1):

@@ -367,6 +367,9 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shapes = {
         MLP: [(12,)],
+        PreNormStream: [(4, 5)],
+        RMSNormStream: [(12,)],
+        NormedHidden: [(12,)],
         ConvBN: [(2, 8, 8)],
         ResBlock: [(2, 8, 8)],
         Inception: [(2, 8, 8)],
@@ -389,6 +392,50 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
 
+class PreNormStream(nn.Module):
+    """A pre-norm transformer's MLP half over tokens (B, T, D): a residual stream that every
+    block reads through its own LayerNorm, a final LayerNorm before the head."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.norm1, self.up1, self.down1 = nn.LayerNorm(dim), nn.Linear(dim, 12), nn.Linear(12, dim)
+        self.norm2, self.up2, self.down2 = nn.LayerNorm(dim), nn.Linear(dim, 12), nn.Linear(12, dim)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
+
+    def forward(self, x):  # (B, tokens, 5)
+        h = self.embed(x)
+        h = h + self.down1(F.gelu(self.up1(self.norm1(h))))
+        h = h + self.down2(F.gelu(self.up2(self.norm2(h))))
+        return self.head(self.norm(h).mean(-2))  # mean over tokens
+
+
+class RMSNormStream(nn.Module):
+    """The same with RMSNorm (LLaMA-style) and a ReLU MLP on vectors."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.norm1, self.up, self.down = nn.RMSNorm(dim), nn.Linear(dim, 10), nn.Linear(10, dim)
+        self.norm, self.head = nn.RMSNorm(dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.down(torch.relu(self.up(self.norm1(h))))
+        return self.head(self.norm(h))
+
+
+class NormedHidden(nn.Module):
+    """A LayerNorm inside a hidden layer: Linear -> LayerNorm -> ReLU -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(12, 7), nn.LayerNorm(7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
 ZOO = [
     MLP,
     ConvBN,
@@ -409,4 +456,7 @@ ZOO = [
     Activations,
     SEMBConv,
     DenseNetBlocks,
+    PreNormStream,
+    RMSNormStream,
+    NormedHidden,
 ]

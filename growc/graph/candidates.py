@@ -20,14 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from growc.graph.coupling import Group, Ungrowable, Value, find_group, trace_values
+from growc.graph.coupling import Group, Ungrowable, Value, find_group, is_token_mean, trace_values
 from growc.graph.handlers import (
+    UNIT_NORM,
     channel_handler_for,
     handler_for,
     is_batchnorm,
     is_depthwise,
     is_feature_map_layer,
     is_growable_type,
+    is_unit_norm,
     owner_of,
     unhandled_reason,
 )
@@ -66,7 +68,8 @@ class WidthSite:
     writers: tuple[str, ...] = ()  # other layers writing the same units (residual additions): zero rows
     gates: tuple[str, ...] = ()  # those of `writers` that write a factor multiplying the units (a gate)
     writer_norms: tuple[str, ...] = ()  # the BatchNorms right after those
-    carriers: tuple[str, ...] = ()  # depthwise convs and other BatchNorms the units pass through
+    carriers: tuple[str, ...] = ()  # depthwise convs, other BatchNorms, LayerNorms / RMSNorms the units pass through
+    centred: bool = False  # a LayerNorm removes the units' mean: new units enter at the old ones' mean
     attached: tuple[str, ...] = ()  # readers outside the statistics: zero columns, learnt in training
     # Where the units sit among other units after a concatenation, for the readers, carriers and
     # broadcast tensors (by module or tensor path) that see them there.
@@ -278,6 +281,8 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
     conv = is_feature_map_layer(module_of(gm, source))
     if any(is_feature_map_layer(module_of(gm, w)) != conv for w in group.writers):
         raise Ungrowable("an addition mixes the outputs of convolutions and linear layers")
+    if conv and (mean := next((n for n in group.nodes if is_token_mean(n)), None)) is not None:
+        raise Ungrowable(f"'{mean.name}' averages a feature map over dimensions that growc cannot follow")
     classes: dict[tuple, list[tuple[str, Value]]] = {}
     readers: list[str] = []
     for reader, read in group.readers:
@@ -328,8 +333,13 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
             str(n.target)
             for n in group.nodes
             if n not in group.writers
-            and ((n in norms and norms[n] not in group.writers) or is_depthwise(module_of(gm, n)))
+            and (
+                (n in norms and norms[n] not in group.writers)
+                or is_depthwise(module_of(gm, n))
+                or is_unit_norm(module_of(gm, n))
+            )
         ),
+        centred=_centred(gm, group, values, conv),
         attached=tuple(r for r in readers if r not in consumers),
         reached=tuple(
             (tuple(name for name, _ in members), members[0][1].stage == "flat", members[0][1].pools)
@@ -342,6 +352,39 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
     for path, _ in site.broadcasts:
         site.broadcast_dim(gm, path)  # raises where the tensor does not line up with the units
     return site, sum(len(members) for members in classes.values())
+
+
+def _centred(gm: fx.GraphModule, group: Group, values: dict[fx.Node, Value], conv: bool) -> bool:
+    """Whether a LayerNorm removes the units' mean (new units then enter at the old ones' mean,
+    written by every writer's mean row); raises where growth through the norms would not be exact."""
+    norms = [n for n in group.nodes if is_unit_norm(module_of(gm, n))]
+    if not norms:
+        return False
+    if conv:
+        raise Ungrowable(f"'{norms[0].name}' normalizes the last dimension of a feature map, not its channels")
+    centring = [n for n in norms if UNIT_NORM.centres(module_of(gm, n))]
+    if not centring:
+        return False  # RMSNorm only: new units enter at 0, as everywhere else
+    if len(centring) < len(norms):
+        raise Ungrowable(
+            f"'{centring[0].name}' (LayerNorm) and an RMSNorm read the same units: new units cannot be at "
+            "their mean for one and at 0 for the other"
+        )
+    for norm in centring:
+        read = values[norm.args[0]]
+        tied = group.broadcasts or group.gates or group.cat_slots or read.stage != "pre" or read.scale != 1.0
+        others = [
+            n
+            for n in group.nodes
+            if n not in group.writers and (is_batchnorm(module_of(gm, n)) or is_depthwise(module_of(gm, n)))
+        ]
+        if tied or others:
+            raise Ungrowable(
+                f"the LayerNorm '{norm.name}' reads these units through more than layers' outputs added up "
+                "(an activation, a norm, a gate, a concatenation or a broadcast tensor): growc cannot put new "
+                "units at the mean it removes"
+            )
+    return True
 
 
 def _slots(group: Group, values: dict[fx.Node, Value], readers: list[str]) -> tuple[tuple[str, Slot], ...]:

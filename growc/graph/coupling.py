@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from growc.graph.elementwise import activation_name, elementwise_op, elementwise_slope
-from growc.graph.handlers import handler_for, is_batchnorm, is_depthwise, unhandled_reason
+from growc.graph.handlers import handler_for, is_batchnorm, is_depthwise, is_unit_norm, unhandled_reason
 from growc.graph.modes import is_mode_flag
 from growc.graph.trace import module_of
 
@@ -154,6 +154,31 @@ def is_global_mean(node: fx.Node) -> bool:
     return not keepdim and isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
 
 
+def is_token_mean(node: fx.Node) -> bool:
+    """x.mean(-2) or torch.mean(x, dim=(-3, -2)): an average over dimensions before the last,
+    counted from the end (a sequence's tokens). Vector units, the last dimension, pass unchanged;
+    a feature map's channels would not (its sites refuse it, `candidates._site_from`)."""
+    if not (
+        (node.op == "call_method" and node.target == "mean")
+        or (node.op == "call_function" and node.target is torch.mean)
+    ):
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = (dims,) if isinstance(dims, int) else dims
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return (
+        isinstance(dims, (tuple, list))
+        and bool(dims)
+        and all(isinstance(d, int) and d < -1 for d in dims)
+        and not keepdim
+    )
+
+
+def _mean_dims(node: fx.Node) -> tuple[int, ...]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return (dims,) if isinstance(dims, int) else tuple(dims)
+
+
 def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Flattening (B, C, ...) to (B, features), channel-major: what a linear layer after convs reads."""
     if node.op == "call_module":
@@ -216,9 +241,10 @@ def _only_input(user: fx.Node, node: fx.Node) -> bool:
 
 
 def _carries_units(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """An op that maps each unit to itself, alone: an element-wise op, a BatchNorm, a depthwise conv."""
+    """An op that maps each unit to itself, alone: an element-wise op, a BatchNorm, a depthwise
+    conv; or a LayerNorm / RMSNorm across them, which growth keeps exact (`UnitNormHandler`)."""
     module = module_of(gm, node)
-    return is_batchnorm(module) or is_depthwise(module) or elementwise_slope(gm, node)[0]
+    return is_batchnorm(module) or is_depthwise(module) or is_unit_norm(module) or elementwise_slope(gm, node)[0]
 
 
 class _Walk:
@@ -287,15 +313,26 @@ class _Walk:
             if (user, node) not in self.group.readers:
                 self.group.readers.append((user, node))
             return
-        if _carries_units(self.gm, user) or is_pool(self.gm, user) or is_flatten(self.gm, user) or is_global_mean(user):
+        if (
+            _carries_units(self.gm, user)
+            or is_pool(self.gm, user)
+            or is_flatten(self.gm, user)
+            or is_global_mean(user)
+            or is_token_mean(user)
+        ):
             self._add_member(user)
             return
         why = unhandled_reason(module)
         if why is not None:
             raise Ungrowable(f"it is read by '{user.name}', which growc cannot widen: {why}")
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+            how = (
+                "in groups"
+                if isinstance(module, nn.GroupNorm)
+                else "over more than their last dimension, or without a weight"
+            )
             raise Ungrowable(
-                f"the {type(module).__name__} '{user.name}' normalizes across these units: a new unit would "
+                f"the {type(module).__name__} '{user.name}' normalizes across these units {how}: a new unit would "
                 "change every old unit's output, so growth could not start from the same function"
             )
         what = f"the {type(module).__name__} '{user.name}'" if module is not None else f"'{user.name}'"
@@ -451,6 +488,8 @@ def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Gro
         stage = "pooled"
     elif is_global_mean(node):
         pools, stage = (*pools, ("adaptive", (1, 1))), "flat"
+    elif is_token_mean(node):
+        pools = (*pools, ("mean", _mean_dims(node)))  # its readers see one row per sample, not per token
     elif is_flatten(gm, node):
         stage = "flat"
     elif is_depthwise(module):

@@ -16,6 +16,7 @@ state over or undo it.
 
 from __future__ import annotations
 
+import math
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -71,6 +72,23 @@ class TensorSwap:
 
     def undo(self) -> None:
         _assign(self.module, self.attr, self.old)
+
+
+@dataclass
+class AttributeSwap:
+    """A module's plain attribute (a norm's epsilon) changed along with a growth; undone with it."""
+
+    module: nn.Module
+    attr: str
+    old: float
+    new: float
+    is_parameter: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        setattr(self.module, self.attr, self.new)
+
+    def undo(self) -> None:
+        setattr(self.module, self.attr, self.old)
 
 
 def _grown_shape(value: Tensor, dim: int, count: int) -> list[int]:
@@ -442,12 +460,63 @@ class DepthwiseHandler(ChannelHandler):
         return layer.kernel_size[0] * layer.kernel_size[1] + int(layer.bias is not None)
 
 
+class UnitNormHandler(ChannelHandler):
+    """A LayerNorm or RMSNorm across the units (over their last dimension, with a weight).
+
+    New units enter it at 0 (RMSNorm) or at the mean of the old units (LayerNorm: the writers'
+    new rows are the means of their rows, `SiteGrowth`), so the mean it removes is unchanged and
+    the mean square it divides by, var + eps, would become d / (d + k) var + eps. Scaling eps by
+    d / (d + k) too makes it exactly d / (d + k) of what it was, and the old entries' weights,
+    scaled by sqrt(d / (d + k)), give the old units their outputs back exactly. The new entries'
+    weights are the old ones' RMS after that scaling, their bias 0: a new unit at the mean
+    leaves the norm at 0. (An RMSNorm without eps uses its dtype's machine epsilon: that value
+    is scaled and set.)
+    """
+
+    def matches(self, module: nn.Module) -> bool:
+        return (
+            isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+            and type(module).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward)
+            and len(module.normalized_shape) == 1
+            and isinstance(module.weight, nn.Parameter)
+        )
+
+    @staticmethod
+    def centres(module: nn.Module) -> bool:
+        """It removes the units' mean (LayerNorm), so new units must enter at that mean."""
+        return isinstance(module, nn.LayerNorm)
+
+    def grow_pass_through(
+        self, module: nn.Module, count: int, at: int | None = None
+    ) -> list[TensorSwap | AttributeSwap]:
+        weight = module.weight.detach()
+        share = weight.shape[0] / (weight.shape[0] + count)
+        factor = math.sqrt(share)
+        level = float(weight.double().pow(2).mean().sqrt()) * factor
+        eps = module.eps if module.eps is not None else torch.finfo(weight.dtype).eps
+        swaps: list[TensorSwap | AttributeSwap] = [AttributeSwap(module, "eps", module.eps, eps * share)]
+        swaps.append(extend(module, "weight", weight.new_full((count,), level), 0, at))
+        with torch.no_grad():
+            swaps[1].new.copy_(swaps[1].widen(weight * factor, fill=level))
+        if getattr(module, "bias", None) is not None:
+            swaps.append(extend(module, "bias", module.bias.new_zeros(count), 0, at))
+        self.sync_sizes(module)
+        return swaps
+
+    def params_per_channel(self, module: nn.Module) -> int:
+        return 1 + int(getattr(module, "bias", None) is not None)
+
+    def sync_sizes(self, module: nn.Module) -> None:
+        module.normalized_shape = (module.weight.shape[0],)
+
+
 BATCHNORM = BatchNormHandler()
 DEPTHWISE = DepthwiseHandler()
+UNIT_NORM = UnitNormHandler()
 
 #: The registry: every layer type growc grows, and every per-channel type it grows through.
 LAYERS: tuple[LayerHandler, ...] = (LinearHandler(), Conv2dHandler())
-CHANNELS: tuple[ChannelHandler, ...] = (BATCHNORM, DEPTHWISE)
+CHANNELS: tuple[ChannelHandler, ...] = (BATCHNORM, DEPTHWISE, UNIT_NORM)
 
 #: Layers that hold weights for a cost count (growable or not: grouped convs, 1-D and 3-D convs).
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -475,6 +544,11 @@ def is_feature_map_layer(module: nn.Module | None) -> bool:
 
 def is_batchnorm(module: nn.Module | None) -> bool:
     return module is not None and BATCHNORM.matches(module)
+
+
+def is_unit_norm(module: nn.Module | None) -> bool:
+    """A LayerNorm / RMSNorm across the units that growc grows through (`UnitNormHandler`)."""
+    return module is not None and UNIT_NORM.matches(module)
 
 
 def is_growable_type(module: nn.Module | None) -> bool:
@@ -518,6 +592,8 @@ def sync_sizes(module: nn.Module) -> None:
     """Size attributes follow the weight's shape after a swap or its undo."""
     if BATCHNORM.matches(module):
         BATCHNORM.sync_sizes(module)
+    elif UNIT_NORM.matches(module):
+        UNIT_NORM.sync_sizes(module)
     elif is_depthwise(module) or (isinstance(module, nn.Conv2d) and module.groups > 1):
         DEPTHWISE.sync_sizes(module)  # mid-undo its sizes disagree with its weight: not "depthwise" yet
     elif (h := handler_for(module)) is not None:

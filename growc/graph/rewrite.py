@@ -48,6 +48,17 @@ class NewUnits:
         return self.rows.shape[0]
 
 
+def _mean_rows(layer: nn.Module, count: int, flat_in: int) -> tuple[Tensor, Tensor | None]:
+    """`count` copies of the mean of a layer's output rows (weights padded with zeros to
+    `flat_in` inputs, and the mean bias, None without one): outputs at the mean of its units."""
+    handler = handler_for(layer)
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    rows = w.new_zeros(count, flat_in)
+    rows[:, : w.shape[1]] = w.mean(0)
+    bias = layer.bias.detach().mean().expand(count).clone() if handler.has_bias(layer) else None
+    return rows, bias
+
+
 class SiteGrowth:
     """New units added to a site, whose amplitude can still be set, or the whole undone.
 
@@ -75,12 +86,15 @@ class SiteGrowth:
         bias = units.bias if units.bias is not None else units.rows.new_zeros(k)
         behind_norm = site.norm is not None
         self.swaps: list[TensorSwap] = []
-        self._targets: list[tuple[TensorSwap, Tensor, bool]] = []  # (swap, value, scaled by gamma)
+        self._targets: list[tuple[TensorSwap, Tensor, bool, Tensor | None]] = []  # (swap, value, scaled, base)
 
+        # Through a LayerNorm the new units start at the mean of the old ones (see
+        # `UnitNormHandler`): every writer's new rows are the mean of its rows, the neurons on top.
+        mean_rows, mean_bias = _mean_rows(producer, k, flat_in) if site.centred else (None, None)
         swaps = p_handler.grow_out(producer, rows.new_zeros(rows.shape), rows.new_zeros(k))
-        self._add(swaps[0], rows, scaled=not behind_norm)
+        self._add(swaps[0], rows, scaled=not behind_norm, base=mean_rows)
         if len(swaps) > 1:
-            self._add(swaps[1], bias, scaled=not behind_norm)
+            self._add(swaps[1], bias, scaled=not behind_norm, base=mean_bias)
         self._norm_module = root.get_submodule(site.norm) if behind_norm else None
         if behind_norm:
             norm = root.get_submodule(site.norm)
@@ -126,7 +140,8 @@ class SiteGrowth:
             writer = root.get_submodule(name)
             handler = handler_for(writer)
             flat_in = handler.in_size(writer) * handler.taps(writer)
-            self.swaps += handler.grow_out(writer, ref.new_zeros(k, flat_in), zeros)
+            rows, bias = _mean_rows(writer, k, flat_in) if self.site.centred else (ref.new_zeros(k, flat_in), zeros)
+            self.swaps += handler.grow_out(writer, rows.to(ref), None if bias is None else bias.to(ref))
         for name in (*self.site.writer_norms, *self.site.carriers):
             module = root.get_submodule(name)
             self.swaps += channel_handler_for(module).grow_pass_through(module, k, entries_at.get(name))
@@ -141,9 +156,10 @@ class SiteGrowth:
         (swap,) = handler.grow_in(reader, torch.zeros_like(block), None if at is None else at * spatial)
         return swap, block
 
-    def _add(self, swap: TensorSwap, value: Tensor, scaled: bool) -> None:
+    def _add(self, swap: TensorSwap, value: Tensor, scaled: bool, base: Tensor | None = None) -> None:
+        """`swap`'s new entries hold `base + gamma * value` (`value` alone where not scaled)."""
         self.swaps.append(swap)
-        self._targets.append((swap, value, scaled))
+        self._targets.append((swap, value, scaled, base))
 
     @torch.no_grad()
     def set_norm_statistics(self, mean: Tensor, var: Tensor) -> None:
@@ -155,9 +171,12 @@ class SiteGrowth:
 
     @torch.no_grad()
     def set_amplitude(self, gamma: float) -> None:
-        for swap, value, scaled in self._targets:
+        for swap, value, scaled, base in self._targets:
             target = swap.new[swap.new_slice()]
-            target.copy_((gamma * value if scaled else value).reshape(target.shape))
+            entries = gamma * value if scaled else value
+            if base is not None:
+                entries = entries + base.to(entries)
+            target.copy_(entries.reshape(target.shape))
 
     def undo(self) -> None:
         for swap in reversed(self.swaps):

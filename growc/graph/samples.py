@@ -8,6 +8,8 @@ where it falls in a consumer's zero padding (so that constant and masked inputs 
                             channel's outgoing weights sit there), pooled windows averaged.
   Conv -> flatten -> Linear b' is the mean of the producer patches over the map: a new channel
                             enters the linear layer through its spatial mean.
+  Linear -> mean over tokens -> Linear
+                            b' is the producer's input averaged over the same tokens.
 Max pooling is linearized as average pooling: exact for the statistics' shape, approximate for
 the first-order prediction.
 """
@@ -58,6 +60,9 @@ def producer_rows(site: WidthSite, root: nn.Module, x_prev: Tensor) -> Tensor:
     producer = root.get_submodule(site.producer)
     consumer = root.get_submodule(site.consumers[0])
     if not is_feature_map_layer(producer):
+        for spec in site.pools:  # averages over tokens on the way: the new unit there is the mean
+            if spec[0] == "mean":
+                x_prev = x_prev.mean(dim=spec[1])
         return with_ones(handler_for(producer).input_rows(producer, x_prev))
     if site.spatial and all(spec == ("adaptive", (1, 1)) for spec in site.pools):
         return with_ones(mean_patch(producer, x_prev))  # global pooling or none: the mean patch
