@@ -148,3 +148,31 @@ def test_norms_growc_cannot_keep_exact_are_left_intact_with_the_reason(model, la
     assert layer not in {s.producer for s in report.sites}
     why = dict(report.skipped)[layer]
     assert phrase in why, why
+
+
+def test_an_attached_reader_after_a_mean_over_tokens_gets_columns_no_larger_than_its_own():
+    """The head reads the stream through a mean over tokens, where a new neuron's value is far
+    smaller than at the blocks' readers: its fitted outgoing weights are capped at the RMS of its
+    own columns, so training right after the growth stays stable."""
+    import growc
+    from growc.data import as_loader
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 5, 4, generator=g)
+    y = (x.mean(1) @ torch.randn(4, 3, generator=g)).argmax(1)
+    data = torch.utils.data.TensorDataset(x, y)
+    config = growc.GrowthConfig(steps=1, final_epochs=0, epochs=0.0)
+    result = growc.grow(
+        PreNorm(),
+        as_loader(data, 64, shuffle=True, seed=0),
+        as_loader(data, 256, shuffle=False, seed=0),
+        F.cross_entropy,
+        config,
+    )
+    head = result.model.head.weight.detach()
+    grown = head.shape[1] - 6
+    assert grown > 0, [(r.site, r.neurons, r.reason) for s in result.report.steps for r in s.grown]
+    level = head[:, :6].norm(dim=0).pow(2).mean().sqrt()
+    gamma = max(r.gamma for s in result.report.steps for r in s.grown if r.site == "embed")
+    assert (head[:, 6:].norm(dim=0) <= gamma * level * 1.001).all()

@@ -206,7 +206,7 @@ class WidthSite:
 
     def unit_scale(self, root: nn.Module, s_prev: torch.Tensor) -> float:
         """Behind a BatchNorm, the RMS of its weights; else the RMS pre-activation of the
-        producer's units on the statistics."""
+        producer's units on the statistics (about their mean through a LayerNorm)."""
         if self.norm is not None:
             norm = root.get_submodule(self.norm)
             if norm.weight is None or norm.weight.numel() == 0:
@@ -216,6 +216,11 @@ class WidthSite:
         w = handler_for(producer).weight_matrix(producer).to(torch.float64).cpu()
         if w.shape[0] == 0:
             return 1.0
+        if self.centred:
+            # A LayerNorm divides by the units' spread about their mean, not by their RMS: a new
+            # unit as large as the RMS would come out of it far larger than the old ones wherever
+            # the units share a large offset.
+            w = w - w.mean(0)
         energy = ((w @ s_prev.cpu()) * w).sum(1).mean()
         return float(energy.clamp_min(0).sqrt()) or 1.0
 

@@ -59,6 +59,20 @@ def _mean_rows(layer: nn.Module, count: int, flat_in: int) -> tuple[Tensor, Tens
     return rows, bias
 
 
+def _no_larger_than_its_columns(omega: Tensor, reader: nn.Module, spatial: int) -> Tensor:
+    """Fitted outgoing weights (out, K) for an attached reader, each column no larger than the
+    RMS of the reader's own columns: the fit divides by the neuron's energy at the reader, which
+    can be far smaller than at the consumers (a mean over tokens of a direction that varies
+    along them), and one optimizer step on a column 60x its neighbours' multiplied the loss."""
+    handler = handler_for(reader)
+    units = handler.in_size(reader) // max(spatial, 1)
+    if units == 0:
+        return omega
+    level = handler.unit_columns(reader, units, spatial).double().norm(dim=1).pow(2).mean().sqrt()
+    norms = omega.double().norm(dim=0).clamp_min(1e-30)
+    return omega * (level / norms).clamp(max=1.0).to(omega)
+
+
 class SiteGrowth:
     """New units added to a site, whose amplitude can still be set, or the whole undone.
 
@@ -129,7 +143,7 @@ class SiteGrowth:
             if fitted is None:
                 self.swaps.append(self._grow_reader(attached, omega, places[name])[0])
                 continue
-            omega[: fitted.shape[0]] = fitted  # outputs gained earlier in this step stay 0
+            omega[: fitted.shape[0]] = _no_larger_than_its_columns(fitted, attached, places[name][1])
             self._add(*self._grow_reader(attached, omega, places[name]), scaled=True)
 
     def _grow_tied(self, root: nn.Module, k: int, ref: Tensor, entries_at: dict[str, int | None]) -> None:

@@ -177,7 +177,7 @@ def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[
     omega = (neurons.omega * (a.column_rms / lambda_1)).to(dtype)
     reached = {
         reader: (w * (a.column_rms / lambda_1)).to(dtype)
-        for reader, w in reached_omegas(a.reached_moments, neurons.alpha).items()
+        for reader, w in reached_omegas(a.reached_moments, neurons.alpha, a.moments.s_prev).items()
     }
     rows_in = [u.delta.shape[0] for u in a.solution.updates]
     alpha = neurons.alpha
@@ -207,15 +207,23 @@ def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[
     return units, a.unit_scale * a.column_rms / lambda_1
 
 
-def reached_omegas(reached: list[tuple[tuple[str, ...], SiteMoments]], alpha: Tensor) -> dict[str, Tensor]:
+def reached_omegas(
+    reached: list[tuple[tuple[str, ...], SiteMoments]], alpha: Tensor, s_prev: Tensor
+) -> dict[str, Tensor]:
     """Outgoing weights, in the solver's scale, for attached readers the chosen neurons reach:
     for each neuron the least-squares fit of the reader's desired update `-g` by the neuron's
     value there, `E[-g b'^T] alpha / alpha^T S'_r alpha` (their own weights are not updated, so
-    the raw gradient, not v_perp). For the measured consumers this is the solver's omega."""
+    the raw gradient, not v_perp). For the measured consumers this is the solver's omega.
+
+    The neuron's energy at the consumers (`alpha^T S' alpha`, from `s_prev`) is a floor for the
+    denominator: where the neuron is nearly 0 at a reader (its mean over tokens, say) the fit
+    would otherwise give that reader columns hundreds of times its own, which one optimizer step
+    turns into a loss ten times larger (seen on a pre-norm transformer's head)."""
     out = {}
     alpha = alpha.to(torch.float64)
+    floor = ((s_prev.to(alpha) @ alpha) * alpha).sum(0)
     for readers, moments in reached:
-        energy = ((moments.s_prev.to(alpha) @ alpha) * alpha).sum(0).clamp_min(1e-12)
+        energy = torch.maximum(((moments.s_prev.to(alpha) @ alpha) * alpha).sum(0), floor).clamp_min(1e-12)
         for reader, consumer in zip(readers, moments.consumers):
             out[reader] = (-consumer.p.to(alpha).T @ alpha) / energy
     return out
