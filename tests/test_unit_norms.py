@@ -69,12 +69,12 @@ class PreNorm(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.embed = nn.Linear(4, 6)
+        self.embed, self.position = nn.Linear(4, 6), nn.Parameter(torch.randn(5, 6))
         self.norm1, self.up, self.down = nn.LayerNorm(6), nn.Linear(6, 9), nn.Linear(9, 6)
         self.norm, self.head = nn.LayerNorm(6), nn.Linear(6, 3)
 
-    def forward(self, x):
-        h = self.embed(x)
+    def forward(self, x):  # (B, 5 tokens, 4)
+        h = self.embed(x) + self.position
         h = h + self.down(F.gelu(self.up(self.norm1(h))))
         return self.head(self.norm(h).mean(-2))
 
@@ -88,13 +88,15 @@ def test_a_pre_norm_stream_grows_with_every_writer_at_its_mean():
     x = torch.randn(16, 5, 4)
     with torch.no_grad():
         before = graph(x)
-        old_rows = graph.down.weight.detach().clone()
+        old_rows, old_position = graph.down.weight.detach().clone(), graph.position.detach().clone()
         growth = SiteGrowth(graph, stream, _units(graph, stream, 2, torch.Generator().manual_seed(2)))
         growth.set_amplitude(0.0)
         parity = compare(before, graph(x))
         assert parity.within(1e-6), parity.describe()
-        # The other writer writes the mean of its units, whatever the amplitude.
+        # The other writer writes the mean of its units, whatever the amplitude, and the
+        # position term its mean per token.
         torch.testing.assert_close(graph.down.weight[6:], old_rows.mean(0).expand(2, -1))
+        torch.testing.assert_close(graph.position[:, 6:], old_position.mean(1, keepdim=True).expand(5, 2))
         growth.undo()
 
 
@@ -123,6 +125,22 @@ class Mixed(nn.Module):
         return self.a(self.ln(h)) + self.b(self.rms(h))
 
 
+class ScaledBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.branch, self.norm, self.head = (
+            nn.Linear(4, 6),
+            nn.Linear(6, 6),
+            nn.LayerNorm(6),
+            nn.Linear(6, 3),
+        )
+        self.scale = nn.Parameter(torch.full((6,), 0.1))
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.norm(h + self.scale * self.branch(h)))
+
+
 class ActivatedStream(nn.Module):
     def __init__(self):
         super().__init__()
@@ -139,9 +157,10 @@ class ActivatedStream(nn.Module):
         (Hidden(nn.GroupNorm(1, 5)), "fc1", "in groups"),
         (Mixed(), "embed", "an RMSNorm read the same units"),
         (ActivatedStream(), "embed", "cannot put new units at the mean"),
+        (ScaledBranch(), "embed", "cannot put new units at the mean"),
         (Convs(), "conv", "averages a feature map"),
     ],
-    ids=["no-weight", "groupnorm", "layer-and-rms", "through-tanh", "conv-token-mean"],
+    ids=["no-weight", "groupnorm", "layer-and-rms", "through-tanh", "layer-scale", "conv-token-mean"],
 )
 def test_norms_growc_cannot_keep_exact_are_left_intact_with_the_reason(model, layer, phrase):
     report = find_width_sites(trace(model))

@@ -393,18 +393,18 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
 
 
 class PreNormStream(nn.Module):
-    """A pre-norm transformer's MLP half over tokens (B, T, D): a residual stream that every
-    block reads through its own LayerNorm, a final LayerNorm before the head."""
+    """A pre-norm transformer's MLP half over tokens (B, T, D): a position term, a residual
+    stream that every block reads through its own LayerNorm, a final LayerNorm before the head."""
 
     def __init__(self, dim=6):
         super().__init__()
-        self.embed = nn.Linear(5, dim)
+        self.embed, self.position = nn.Linear(5, dim), nn.Parameter(torch.randn(4, dim) * 0.5)
         self.norm1, self.up1, self.down1 = nn.LayerNorm(dim), nn.Linear(dim, 12), nn.Linear(12, dim)
         self.norm2, self.up2, self.down2 = nn.LayerNorm(dim), nn.Linear(dim, 12), nn.Linear(12, dim)
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
 
-    def forward(self, x):  # (B, tokens, 5)
-        h = self.embed(x)
+    def forward(self, x):  # (B, 4 tokens, 5)
+        h = self.embed(x) + self.position
         h = h + self.down1(F.gelu(self.up1(self.norm1(h))))
         h = h + self.down2(F.gelu(self.up2(self.norm2(h))))
         return self.head(self.norm(h).mean(-2))  # mean over tokens

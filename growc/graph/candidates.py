@@ -377,7 +377,8 @@ def _centred(gm: fx.GraphModule, group: Group, values: dict[fx.Node, Value], con
         )
     for norm in centring:
         read = values[norm.args[0]]
-        tied = group.broadcasts or group.gates or group.cat_slots or read.stage != "pre" or read.scale != 1.0
+        factors = [path for path, fill in group.broadcasts if fill != 0.0]  # terms (position embeddings) are fine
+        tied = factors or group.gates or group.cat_slots or read.stage != "pre" or read.scale != 1.0
         others = [
             n
             for n in group.nodes
@@ -385,9 +386,9 @@ def _centred(gm: fx.GraphModule, group: Group, values: dict[fx.Node, Value], con
         ]
         if tied or others:
             raise Ungrowable(
-                f"the LayerNorm '{norm.name}' reads these units through more than layers' outputs added up "
-                "(an activation, a norm, a gate, a concatenation or a broadcast tensor): growc cannot put new "
-                "units at the mean it removes"
+                f"the LayerNorm '{norm.name}' reads these units through more than layers' outputs and terms "
+                "added up (an activation, a norm, a gate, a concatenation or a scale multiplying them): growc "
+                "cannot put new units at the mean it removes"
             )
     return True
 

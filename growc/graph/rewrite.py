@@ -125,9 +125,13 @@ class SiteGrowth:
             dim = broadcast_dims[path]
             if dim is not None:
                 module, attr = owner_of(root, path)
-                shape = list(getattr(module, attr).shape)
+                tensor = getattr(module, attr)
+                shape = list(tensor.shape)
                 shape[dim] = k
-                self.swaps.append(extend(module, attr, rows.new_full(shape, fill), dim, entries_at[path]))
+                entries = rows.new_full(shape, fill)
+                if site.centred:  # a term added to units at their mean: its own mean (see _mean_rows)
+                    entries = tensor.detach().mean(dim, keepdim=True).expand(shape).to(rows)
+                self.swaps.append(extend(module, attr, entries, dim, entries_at[path]))
         start = 0
         for name, solved in zip(site.consumers, units.omega_rows):
             consumer = root.get_submodule(name)
