@@ -370,6 +370,7 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         PreNormStream: [(4, 5)],
         RMSNormStream: [(12,)],
         NormedHidden: [(12,)],
+        PreNormTransformer: [(4, 5)],
         ConvBN: [(2, 8, 8)],
         ResBlock: [(2, 8, 8)],
         Inception: [(2, 8, 8)],
@@ -436,6 +437,30 @@ class NormedHidden(nn.Module):
         return self.fc2(torch.relu(self.norm(self.fc1(x))))
 
 
+class PreNormTransformer(nn.Module):
+    """A pre-norm transformer block with attention written out (q, k, v and an output
+    projection around F.scaled_dot_product_attention, heads by view/transpose) and a position
+    term: the stream grows through both halves; the heads are left intact with the reason."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.position = nn.Linear(5, dim), nn.Parameter(torch.randn(4, dim) * 0.5)
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 16), nn.Linear(16, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):  # (B, 4 tokens, 5)
+        b, t, _ = x.shape
+        h = self.embed(x) + self.position
+        a = self.norm1(h)
+        q, k, v = (f(a).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        h = h + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+        h = h + self.fc2(F.gelu(self.fc1(self.norm2(h))))
+        return self.head(self.norm(h).mean(-2))
+
+
 ZOO = [
     MLP,
     ConvBN,
@@ -459,4 +484,5 @@ ZOO = [
     PreNormStream,
     RMSNormStream,
     NormedHidden,
+    PreNormTransformer,
 ]
