@@ -63,7 +63,8 @@ def _no_larger_than_its_columns(omega: Tensor, reader: nn.Module, spatial: int) 
     """Fitted outgoing weights (out, K) for an attached reader, each column no larger than the
     RMS of the reader's own columns: the fit divides by the neuron's energy at the reader, which
     can be far smaller than at the consumers (a mean over tokens of a direction that varies
-    along them), and one optimizer step on a column 60x its neighbours' multiplied the loss."""
+    along them), and one optimizer step on columns hundreds of times their neighbours'
+    multiplied the loss ten times (docs/method.md)."""
     handler = handler_for(reader)
     units = handler.in_size(reader) // max(spatial, 1)
     if units == 0:
@@ -147,6 +148,7 @@ class SiteGrowth:
             if fitted is None:
                 self.swaps.append(self._grow_reader(attached, omega, places[name])[0])
                 continue
+            # (outputs gained earlier in this step stay 0)
             omega[: fitted.shape[0]] = _no_larger_than_its_columns(fitted, attached, places[name][1])
             self._add(*self._grow_reader(attached, omega, places[name]), scaled=True)
 
