@@ -62,3 +62,21 @@ def test_stepwise_api_example_runs_end_to_end(capsys):
     out = _run_example("api_stepwise.py", capsys)
     assert "also writing: back" in out  # the residual stream is one site
     assert "bottleneck" in out and "grew" in out and "model.onnx" in out
+
+
+def test_transformer_example_grows_its_stream_through_every_layernorm(tmp_path):
+    from typer.testing import CliRunner
+
+    from growc.graph.candidates import find_width_sites
+    from growc.graph.trace import trace
+    from growc.userfile import load_user_file
+
+    user = load_user_file(ROOT / "examples" / "digits_transformer.py")
+    stream = next(s for s in find_width_sites(trace(user.model)).sites if s.name == "embed")
+    assert stream.centred and set(stream.carriers) == {"norm1", "norm2", "norm"}
+    assert set(stream.writers) == {"proj", "fc2"} and dict(stream.broadcasts) == {"position": 0.0}
+    args = ["grow", str(ROOT / "examples" / "digits_transformer.py"), "--out", str(tmp_path), "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--steps", "4", "--final-epochs", "1"])
+    assert result.exit_code == 0, result.output
+    final = json.loads((tmp_path / "report.json").read_text())["final"]
+    assert final["final_params"] > final["initial_params"] and final["onnx_max_abs_diff"] <= 1e-4

@@ -233,6 +233,19 @@ def _is_size_of(arg: fx.Node, node: fx.Node) -> bool:
     return arg.op == "call_function" and arg.target is getattr and arg.args[:1] == (node,)
 
 
+_REARRANGING = {"view", "reshape", "transpose", "permute", "unflatten", "movedim", "chunk", "split", "narrow", "unbind"}
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _rearranges(node: fx.Node) -> bool:
+    """A view, reshape, transpose, permute or split of the tensor (not a flatten for a linear
+    layer, which `is_flatten` recognizes first)."""
+    return node.op in ("call_method", "call_function") and _op_name(node) in _REARRANGING
+
+
 def _only_input(user: fx.Node, node: fx.Node) -> bool:
     """`node` is the op's first input and no other tensor enters it."""
     if user.args[:1] != (node,):
@@ -307,6 +320,7 @@ class _Walk:
             self._add_member(user)
             return
         if not _only_input(user, node):
+            self._refuse_rearranging(user)
             raise Ungrowable(f"'{user.name}' combines it with another tensor in a way growc cannot widen")
         module = module_of(self.gm, user)
         if handler_for(module) is not None:
@@ -335,8 +349,17 @@ class _Walk:
                 f"the {type(module).__name__} '{user.name}' normalizes across these units {how}: a new unit would "
                 "change every old unit's output, so growth could not start from the same function"
             )
+        self._refuse_rearranging(user)
         what = f"the {type(module).__name__} '{user.name}'" if module is not None else f"'{user.name}'"
         raise Ungrowable(f"its units go through {what}, which growc cannot widen")
+
+    @staticmethod
+    def _refuse_rearranging(user: fx.Node) -> None:
+        if _rearranges(user):
+            raise Ungrowable(
+                f"'{user.name}' ({_op_name(user)}) rearranges its units (into attention heads or channel "
+                "groups, say), which growc cannot follow yet"
+            )
 
     def _upstream(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in _tensor_args(node) if a in self.members]
