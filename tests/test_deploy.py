@@ -428,3 +428,23 @@ def test_weight_bits_reads_what_the_quantizer_wrote(digits_checkpoint: Path, tmp
     )
     assert (largest <= 64) == (bits == 7) and largest >= 63
     assert weight_bits(result.int8.path) == result.int8.weight_bits == bits
+
+
+def test_standalone_file_of_a_forward_that_reads_shapes(tmp_path: Path):
+    """`b, t, _ = x.shape` (attention heads) is `getattr(x, "shape")` in the traced graph: the
+    standalone file imports that builtin like torch's functions, and computes the same."""
+    import runpy
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo import PreNormTransformer, inputs_for
+
+    seeded()
+    model = PreNormTransformer().eval()
+    x = inputs_for(model)[0]
+    folder = tmp_path / "standalone"
+    write_standalone(freeze(model), folder, example_inputs=[x])
+    source = (folder / "model.py").read_text()
+    assert "import growc" not in source and "from growc" not in source and "from builtins import getattr" in source
+    loaded = runpy.run_path(str(folder / "model.py"))["load_model"]()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)

@@ -28,6 +28,7 @@ MODEL_FILE = "model.py"
 WEIGHTS_FILE = "weights.safetensors"
 
 # Names fx's generated code may use, defined once at the top of the generated file.
+_BUILTINS = {"getattr", "len", "int", "float"}  # the builtins a traced forward calls (as graph/serialize.py allows)
 _PREAMBLE_GLOBALS = {"inf", "nan", "NoneType", "device", "torch", "math", "operator", "fx_pytree", "pytree"}
 
 _HEADER = '''"""{class_name}: an inference model exported by growc {version}.
@@ -111,7 +112,8 @@ def _literal(value: Any) -> str:
 
 
 def _import_line(name: str, obj: Any) -> str:
-    """An import that binds `name` to `obj` in the generated file, for torch/math/operator only."""
+    """An import that binds `name` to `obj` in the generated file: torch, math, operator and a few
+    builtins only."""
     if isinstance(obj, types.ModuleType) and obj.__name__.split(".")[0] in ("torch", "math", "operator"):
         return f"import {obj.__name__} as {name}"
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
@@ -120,7 +122,7 @@ def _import_line(name: str, obj: Any) -> str:
         and qualname
         and "." not in qualname
         and module.split(".")[0] in ("torch", "math", "operator", "_operator")
-    ):
+    ) or (module == "builtins" and qualname in _BUILTINS):  # x.shape in a forward is getattr(x, "shape")
         return f"from {module} import {qualname} as {name}"
     raise ExportError(
         f"the graph uses '{name}' ({type(obj).__name__}), which a standalone model.py can only get from "
