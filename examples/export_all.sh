@@ -22,6 +22,9 @@ dynamic exported_models/digits_mlp/model.safetensors
 growc grow examples/digits_cnn.py --out exported_models/digits_cnn --quiet
 growc export exported_models/digits_cnn/model.safetensors --int8 static --data examples/digits_cnn.py
 dynamic exported_models/digits_cnn/model.safetensors --data examples/digits_cnn.py
+growc grow examples/digits_transformer.py --out exported_models/digits_transformer --quiet
+growc export exported_models/digits_transformer/model.safetensors --int8 static --data examples/digits_transformer.py
+dynamic exported_models/digits_transformer/model.safetensors --data examples/digits_transformer.py
 
 MNIST="${MNIST:-../shared/data/mnist.npz}"
 if [[ -f "$MNIST" ]]; then
