@@ -22,13 +22,12 @@ import growc
 from growc.deploy.parity import compare
 from growc.errors import CheckpointError, ExportError
 from growc.graph.modes import is_mode_flag
-from growc.graph.serialize import module_spec
+from growc.graph.serialize import TRACED_BUILTINS, module_spec
 
 MODEL_FILE = "model.py"
 WEIGHTS_FILE = "weights.safetensors"
 
 # Names fx's generated code may use, defined once at the top of the generated file.
-_BUILTINS = {"getattr", "len", "int", "float"}  # the builtins a traced forward calls (as graph/serialize.py allows)
 _PREAMBLE_GLOBALS = {"inf", "nan", "NoneType", "device", "torch", "math", "operator", "fx_pytree", "pytree"}
 
 _HEADER = '''"""{class_name}: an inference model exported by growc {version}.
@@ -122,7 +121,7 @@ def _import_line(name: str, obj: Any) -> str:
         and qualname
         and "." not in qualname
         and module.split(".")[0] in ("torch", "math", "operator", "_operator")
-    ) or (module == "builtins" and qualname in _BUILTINS):  # x.shape in a forward is getattr(x, "shape")
+    ) or (module == "builtins" and qualname in TRACED_BUILTINS):  # x.shape in a forward is getattr(x, "shape")
         return f"from {module} import {qualname} as {name}"
     raise ExportError(
         f"the graph uses '{name}' ({type(obj).__name__}), which a standalone model.py can only get from "

@@ -80,8 +80,8 @@ class AttributeSwap:
 
     module: nn.Module
     attr: str
-    old: float
-    new: float
+    old: float | None
+    new: float | None
     is_parameter: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -31,7 +31,8 @@ _NAMESPACES = {
     "math",
     "builtins",
 }
-_BUILTINS = {"getattr", "len", "int", "float"}
+#: The builtins a traced forward may call (x.shape is getattr(x, "shape")); shared with deploy/standalone.py.
+TRACED_BUILTINS = {"getattr", "len", "int", "float"}
 
 
 class UnserializableModel(CheckpointError):
@@ -51,14 +52,14 @@ def _function_name(fn: Any) -> str:
         public = next((attr for attr in dir(torch.special) if getattr(torch.special, attr) is fn), None)
         if public is not None:
             module, name = "torch.special", public
-    if module not in _NAMESPACES or name is None or (module == "builtins" and name not in _BUILTINS):
+    if module not in _NAMESPACES or name is None or (module == "builtins" and name not in TRACED_BUILTINS):
         raise UnserializableModel(f"the graph calls {module}.{name}, which a checkpoint cannot name")
     return f"{module}:{name}"
 
 
 def _resolve_function(name: str) -> Any:
     module, _, attr = name.partition(":")
-    if module not in _NAMESPACES or (module == "builtins" and attr not in _BUILTINS):
+    if module not in _NAMESPACES or (module == "builtins" and attr not in TRACED_BUILTINS):
         raise CheckpointError(f"the checkpoint names a function outside torch/operator/math: {name}")
     namespace = {"builtins": builtins, "math": math, "_operator": operator}.get(module) or importlib.import_module(
         module
