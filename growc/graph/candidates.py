@@ -375,16 +375,11 @@ def _centred(gm: fx.GraphModule, group: Group, values: dict[fx.Node, Value], con
             f"'{centring[0].name}' (LayerNorm) and an RMSNorm read the same units: new units cannot be at "
             "their mean for one and at 0 for the other"
         )
+    factors = [path for path, fill in group.broadcasts if fill != 0.0]  # terms (position embeddings) are fine
+    carriers = [n for n in group.nodes if is_batchnorm(module_of(gm, n)) or is_depthwise(module_of(gm, n))]
     for norm in centring:
         read = values[norm.args[0]]
-        factors = [path for path, fill in group.broadcasts if fill != 0.0]  # terms (position embeddings) are fine
-        tied = factors or group.gates or group.cat_slots or read.stage != "pre" or read.scale != 1.0
-        others = [
-            n
-            for n in group.nodes
-            if n not in group.writers and (is_batchnorm(module_of(gm, n)) or is_depthwise(module_of(gm, n)))
-        ]
-        if tied or others:
+        if factors or carriers or group.gates or group.cat_slots or read.stage != "pre" or read.scale != 1.0:
             raise Ungrowable(
                 f"the LayerNorm '{norm.name}' reads these units through more than layers' outputs and terms "
                 "added up (an activation, a norm, a gate, a concatenation or a scale multiplying them): growc "

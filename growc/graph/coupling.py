@@ -142,41 +142,34 @@ def _adaptive(node: fx.Node, size) -> tuple:
     return ("adaptive", size)
 
 
-def is_global_mean(node: fx.Node) -> bool:
-    """x.mean((2, 3)) or torch.mean(x, (-2, -1)): global average pooling and flattening in one."""
+def _mean_dims(node: fx.Node) -> tuple[int, ...] | None:
+    """The dimensions `x.mean(dims)` / `torch.mean(x, dims)` averages without keeping them; None
+    for any other op (or keepdim, or dimensions not given as integers)."""
     if not (
         (node.op == "call_method" and node.target == "mean")
         or (node.op == "call_function" and node.target is torch.mean)
     ):
-        return False
+        return None
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    return not keepdim and isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
+    dims = (dims,) if isinstance(dims, int) else dims
+    if keepdim or not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(dims)
+
+
+def is_global_mean(node: fx.Node) -> bool:
+    """x.mean((2, 3)) or torch.mean(x, (-2, -1)): global average pooling and flattening in one."""
+    dims = _mean_dims(node)
+    return dims is not None and {d % 4 for d in dims} == {2, 3}
 
 
 def is_token_mean(node: fx.Node) -> bool:
     """x.mean(-2) or torch.mean(x, dim=(-3, -2)): an average over dimensions before the last,
     counted from the end (a sequence's tokens). Vector units, the last dimension, pass unchanged;
     a feature map's channels would not (its sites refuse it, `candidates._site_from`)."""
-    if not (
-        (node.op == "call_method" and node.target == "mean")
-        or (node.op == "call_function" and node.target is torch.mean)
-    ):
-        return False
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = (dims,) if isinstance(dims, int) else dims
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    return (
-        isinstance(dims, (tuple, list))
-        and bool(dims)
-        and all(isinstance(d, int) and d < -1 for d in dims)
-        and not keepdim
-    )
-
-
-def _mean_dims(node: fx.Node) -> tuple[int, ...]:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return (dims,) if isinstance(dims, int) else tuple(dims)
+    dims = _mean_dims(node)
+    return dims is not None and all(d < -1 for d in dims)
 
 
 def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
