@@ -10,6 +10,7 @@ from growc.deploy.export import export_onnx
 from growc.deploy.parity import compare
 from growc.graph.candidates import find_width_sites
 from growc.graph.depth import find_depth_edges
+from growc.graph.handlers import handler_for
 from growc.graph.rewrite import NewUnits, SiteGrowth
 from growc.graph.trace import trace
 
@@ -53,7 +54,9 @@ def _assert_same(got, expected, what):
 
 def _random_units(graph, site, k=2, generator=None):
     producer = graph.get_submodule(site.producer)  # the graph is the model (lifted F.linear layers)
-    flat_in = producer.weight[0].numel()
+    handler = handler_for(producer)
+    flat_in = handler.in_size(producer) * handler.taps(producer)  # dense rows, whatever the groups
+    k *= site.groups  # k per channel group
     rows = [graph.get_submodule(c).weight.shape[0] for c in site.consumers]
     return NewUnits(
         rows=torch.randn(k, flat_in, generator=generator),

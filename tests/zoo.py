@@ -363,6 +363,50 @@ class SEMBConv(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class ResNeXtBlock(nn.Module):
+    """A ResNeXt bottleneck: 1x1 reduction, a grouped 3x3 conv (4 groups of 2 channels), 1x1
+    expansion, BatchNorm after each, a residual stream."""
+
+    def __init__(self, channels: int = 6, width: int = 8, groups: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, channels, 3, padding=1)
+        self.reduce = nn.Conv2d(channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.grouped = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.expand = nn.Conv2d(width, channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = F.relu(self.bn1(self.reduce(x)))
+        h = F.relu(self.bn2(self.grouped(h)))
+        x = F.relu(x + self.bn3(self.expand(h)))
+        return self.head(x.mean((2, 3)))
+
+
+class RegNetYBlock(nn.Module):
+    """A RegNetY block: a grouped 3x3 conv (strided, with a bias, no BatchNorm after it) gated by
+    squeeze-excitation, then a 1x1 projection read by a flattening head."""
+
+    def __init__(self, width: int = 6, groups: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, width, 1)
+        self.grouped = nn.Conv2d(width, width, 3, stride=2, padding=1, groups=groups)
+        self.reduce = nn.Conv2d(width, 2, 1)
+        self.restore = nn.Conv2d(2, width, 1)
+        self.project = nn.Conv2d(width, 4, 1)
+        self.head = nn.Linear(4 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x))
+        h = F.silu(self.grouped(h))
+        gate = torch.sigmoid(self.restore(F.relu(self.reduce(h.mean((2, 3), keepdim=True)))))
+        h = F.relu(self.project(h * gate))
+        return self.head(h.flatten(1))
+
+
 def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shapes = {
@@ -389,6 +433,8 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         Activations: [(12,)],
         SEMBConv: [(2, 8, 8)],
         DenseNetBlocks: [(2, 8, 8)],
+        ResNeXtBlock: [(2, 8, 8)],
+        RegNetYBlock: [(2, 8, 8)],
     }[type(model)]
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
@@ -485,4 +531,6 @@ ZOO = [
     RMSNormStream,
     NormedHidden,
     PreNormTransformer,
+    ResNeXtBlock,
+    RegNetYBlock,
 ]

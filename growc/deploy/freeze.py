@@ -115,8 +115,8 @@ def _drop_dead_neurons(gm: fx.GraphModule) -> None:
     per-channel pooling, flatten), so a unit whose weights are zero in every consumer cannot change
     the output: remove its output from the producer and its inputs from the consumers."""
     for site in find_width_sites(gm).sites:
-        if not site.is_chain or site.norm:
-            continue  # tied layers (streams, concatenations, carriers) and unfolded BatchNorms keep every unit
+        if not site.is_chain or site.norm or site.groups > 1:
+            continue  # tied layers (streams, concatenations, carriers), unfolded BatchNorms, channel groups keep every unit
         producer, consumers = site.modules(gm)
         units = producer.weight.shape[0]
         spatial = site.spatial_size(gm)

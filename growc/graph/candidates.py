@@ -23,7 +23,10 @@ from torch import fx, nn
 from growc.graph.coupling import Group, Ungrowable, Value, find_group, is_token_mean, trace_values
 from growc.graph.handlers import (
     UNIT_NORM,
+    GroupedConv2dHandler,
+    Place,
     channel_handler_for,
+    grouped_positions,
     handler_for,
     is_batchnorm,
     is_depthwise,
@@ -35,7 +38,7 @@ from growc.graph.handlers import (
 )
 from growc.graph.rewrite import NewUnits, SiteGrowth
 from growc.graph.samples import consumer_rows, producer_rows, sampled_conv_rows
-from growc.graph.site import PositionSampler, Recorded, Rows, Taps
+from growc.graph.site import ChannelGroups, PositionSampler, Recorded, Rows, Taps
 from growc.graph.trace import module_of
 
 
@@ -78,6 +81,7 @@ class WidthSite:
     # Attached readers that the new units reach, by geometry: (readers, spatial, pools). Their
     # statistics give them the outgoing weights that fit the neurons once these are chosen.
     reached: tuple[tuple[tuple[str, ...], bool, tuple[tuple, ...]], ...] = ()
+    groups: int = 1  # channel groups of the grouped convs the units belong to: every group grows alike
 
     adds_modules: ClassVar[bool] = False  # growth widens existing layers only
     sign_testable: ClassVar[bool] = True
@@ -126,8 +130,11 @@ class WidthSite:
 
     @property
     def inserts_between(self) -> tuple[str, ...]:
-        """Readers where the new units go between old ones (a concatenation with more after): a
-        step that grows this site must not grow another site through them."""
+        """Layers where the new units go between old ones (a concatenation with more after, or
+        channel groups: every layer of the site): a step that grows this site must not grow
+        another site through them."""
+        if self.groups > 1:
+            return self.layers
         return tuple(reader for reader, slot in self.slots if slot.after)
 
     def slot(self, reader: str) -> Slot:
@@ -147,6 +154,42 @@ class WidthSite:
         if not slot.after:
             return None
         return slot.widths(root, slot.before) + self.width(root)
+
+    def place(self, root: nn.Module, name: str, count: int) -> Place:
+        """Where `count` new units go in the unit dimension of a layer, carrier or broadcast
+        tensor of the site: at the end (None), at an offset (a concatenation), or at the end of
+        each channel group (positions). A grouped reader's own weight holds one group's inputs
+        per row: its new inputs are appended. Read before the site grows."""
+        if self.groups == 1:
+            return self.insertion_index(root, name)
+        module = root.get_submodule(name) if name in self.layers else None
+        if name in self.readers and isinstance(handler_for(module), GroupedConv2dHandler):
+            return None
+        return grouped_positions(self.width(root), self.groups, count)
+
+    def channel_groups(self, root: nn.Module) -> ChannelGroups | None:
+        """How the units split into channel groups in the statistics' coordinates (None: they do
+        not): group i's coordinates of `b'` under a grouped producer, and its outputs and their
+        inputs for each grouped consumer."""
+        if self.groups == 1:
+            return None
+        groups = self.groups
+        producer = root.get_submodule(self.producer)
+        p_handler = handler_for(producer)
+        read = _group_coordinates(producer, ()) if isinstance(p_handler, GroupedConv2dHandler) else None
+        outputs, inputs = [], []
+        for name in self.consumers:
+            consumer = root.get_submodule(name)
+            handler = handler_for(consumer)
+            if not isinstance(handler, GroupedConv2dHandler):
+                outputs.append(None), inputs.append(None)
+                continue
+            per_out = handler.out_size(consumer) // groups
+            outputs.append(tuple(torch.arange(i * per_out, (i + 1) * per_out) for i in range(groups)))
+            bias = (handler.in_size(consumer) * handler.taps(consumer),) if handler.has_bias(consumer) else ()
+            inputs.append(_group_coordinates(consumer, bias))
+        constant = p_handler.in_size(producer) * p_handler.taps(producer)
+        return ChannelGroups(groups, read, tuple(outputs), tuple(inputs), constant)
 
     def spatial_size(self, root: nn.Module, reader: str | None = None) -> int:
         """Features per channel in a reader's input (H*W after pooling; 1 unless it is a linear
@@ -243,6 +286,16 @@ def _tensor_at(root: nn.Module, path: str) -> torch.Tensor:
     return getattr(*owner_of(root, path))
 
 
+def _group_coordinates(conv: nn.Conv2d, extra: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Per group of a grouped conv, the coordinates of its unfolded input (channel-major, as
+    `F.unfold` lays it out) that the group reads, then `extra` (the constant's coordinate)."""
+    per_in, taps = conv.in_channels // conv.groups, conv.kernel_size[0] * conv.kernel_size[1]
+    tail = torch.tensor(extra, dtype=torch.long)
+    return tuple(
+        torch.cat([torch.arange(i * per_in * taps, (i + 1) * per_in * taps), tail]) for i in range(conv.groups)
+    )
+
+
 @dataclass
 class CandidateReport:
     sites: list[WidthSite] = field(default_factory=list)
@@ -266,6 +319,8 @@ def describe_ties(site: WidthSite) -> str:
         parts.append("concatenated into: " + ", ".join(reader for reader, _ in site.slots))
     if site.broadcasts:
         parts.append("broadcast: " + ", ".join(path for path, _ in site.broadcasts))
+    if site.groups > 1:
+        parts.append(f"in {site.groups} channel groups, each growing alike")
     return "; ".join(parts)
 
 
@@ -276,6 +331,8 @@ def site_kind(site: WidthSite) -> str:
         return "width, gated"
     if site.slots:
         return "width, concatenated"
+    if site.groups > 1:
+        return "width, channel groups"
     return "width"
 
 
@@ -356,7 +413,39 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
     )
     for path, _ in site.broadcasts:
         site.broadcast_dim(gm, path)  # raises where the tensor does not line up with the units
+    site = replace(site, groups=_channel_groups(gm, site))
     return site, sum(len(members) for members in classes.values())
+
+
+def _channel_groups(gm: fx.GraphModule, site: WidthSite) -> int:
+    """The number of channel groups the site's grouped convs split its units into (1: none);
+    raises where growing every group alike would not be exact or could not be solved."""
+    grouped = {
+        name: module.groups
+        for name in (site.producer, *site.writers, *site.readers)
+        if isinstance(handler_for(module := gm.get_submodule(name)), GroupedConv2dHandler)
+    }
+    if not grouped:
+        return 1
+    first, *others = grouped.items()
+    other = next(((name, g) for name, g in others if g != first[1]), None)
+    if other is not None:
+        raise Ungrowable(
+            f"'{first[0]}' and '{other[0]}' split these units into {first[1]} and {other[1]} channel groups: "
+            "growc grows units in one grouping only"
+        )
+    unmeasured = next((name for name in site.attached if name in grouped), None)
+    if unmeasured is not None:
+        raise Ungrowable(
+            f"the grouped conv '{unmeasured}' reads these units through another geometry than the measured "
+            "readers: growc solves channel groups only for the readers it measures"
+        )
+    if site.slots:
+        raise Ungrowable(
+            f"these units are split into channel groups by '{next(iter(grouped))}' and concatenated with others: "
+            "growc cannot place new units in both at once"
+        )
+    return first[1]
 
 
 def _centred(gm: fx.GraphModule, group: Group, values: dict[fx.Node, Value], conv: bool) -> bool:

@@ -75,7 +75,14 @@ class Value:
 def is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), _POOL_MODULES)
-    return node.op == "call_function" and node.target in _POOL_FUNCTIONS
+    return (node.op == "call_function" and node.target in _POOL_FUNCTIONS) or _is_kept_global_mean(node)
+
+
+def _is_kept_global_mean(node: fx.Node) -> bool:
+    """x.mean((2, 3), keepdim=True): global average pooling that keeps a 1x1 map (timm's
+    squeeze-excitation)."""
+    dims = _mean_dims(node, keepdim=True)
+    return dims is not None and {d % 4 for d in dims} == {2, 3}
 
 
 def _pair(v) -> tuple[int, int]:
@@ -92,6 +99,8 @@ def pool_spec(gm: fx.GraphModule, node: fx.Node) -> tuple:
     """The pooling's geometry: a `window(...)`, or ("adaptive", output size). Max pooling is read
     as the average over the same windows (padding not counted); what that cannot express
     (dilated windows, a divisor override) stops the site with the reason."""
+    if _is_kept_global_mean(node):
+        return ("adaptive", (1, 1))
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
         if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
@@ -142,18 +151,24 @@ def _adaptive(node: fx.Node, size) -> tuple:
     return ("adaptive", size)
 
 
-def _mean_dims(node: fx.Node) -> tuple[int, ...] | None:
-    """The dimensions `x.mean(dims)` / `torch.mean(x, dims)` averages without keeping them; None
-    for any other op (or keepdim, or dimensions not given as integers)."""
+def _mean_dims(node: fx.Node, keepdim: bool = False) -> tuple[int, ...] | None:
+    """The dimensions `x.mean(dims)` / `torch.mean(x, dims)` averages, removing them (or, with
+    `keepdim`, keeping them with size 1); None for any other op (or the other keepdim, or
+    dimensions not given as integers)."""
     if not (
         (node.op == "call_method" and node.target == "mean")
         or (node.op == "call_function" and node.target is torch.mean)
     ):
         return None
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     dims = (dims,) if isinstance(dims, int) else dims
-    if keepdim or not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+    kept = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if (
+        kept is not keepdim
+        or not isinstance(dims, (tuple, list))
+        or not dims
+        or not all(isinstance(d, int) for d in dims)
+    ):
         return None
     return tuple(dims)
 

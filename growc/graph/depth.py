@@ -72,6 +72,9 @@ class DepthSite:
         taps = BLOCK_KERNEL * BLOCK_KERNEL if self.conv else 1
         return d * taps + 1 + d
 
+    def channel_groups(self, root: nn.Module) -> None:
+        return None  # a new block's hidden units feed its own output layer: no channel groups
+
     def reached_sites(self) -> list:
         return []
 

@@ -26,11 +26,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: Where new entries go along a dimension: appended (None), before index `at` (an int), or at the
+#: given positions of the grown tensor, one per new entry in the units' order (a tensor: channel
+#: groups, where each group's new units go at the end of the group).
+Place = int | Tensor | None
+
+
+def positions_of(place: Place, size: int, count: int, device: torch.device | None = None) -> Tensor:
+    """The positions, in the grown tensor of `size + count` entries, where `place` puts the
+    `count` new ones (in the units' order)."""
+    if isinstance(place, Tensor):
+        if place.numel() != count:
+            raise ValueError(f"{place.numel()} positions given for {count} new entries")
+        return place.to(device=device, dtype=torch.long)
+    start = size if place is None else place
+    return torch.arange(start, start + count, device=device)
+
 
 @dataclass
 class TensorSwap:
     """One Parameter (or buffer) of a module replaced by a larger one along `dim`: the new entries
-    sit at `start` (the end, unless they were inserted among the old ones)."""
+    sit at `positions` (in the units' order; consecutive, at the end, unless inserted among the
+    old ones)."""
 
     module: nn.Module
     attr: str
@@ -38,11 +55,7 @@ class TensorSwap:
     new: Tensor
     dim: int  # the dimension that grew
     old_size: int
-    start: int = -1  # where the new entries begin; -1: at the end
-
-    def __post_init__(self) -> None:
-        if self.start < 0:
-            self.start = self.old_size
+    positions: Tensor  # where the new entries are in `new` along `dim`
 
     @property
     def is_parameter(self) -> bool:
@@ -52,23 +65,29 @@ class TensorSwap:
     def added(self) -> int:
         return self.new.shape[self.dim] - self.old_size
 
-    def _index(self, part: slice) -> tuple[slice, ...]:
-        index = [slice(None)] * self.new.dim()
-        index[self.dim] = part
-        return tuple(index)
+    def _old_positions(self, device: torch.device) -> Tensor:
+        kept = torch.ones(self.new.shape[self.dim], dtype=torch.bool, device=device)
+        kept[self.positions.to(device)] = False
+        return kept.nonzero().flatten()
 
-    def new_slice(self) -> tuple[slice, ...]:
-        return self._index(slice(self.start, self.start + self.added))
+    def new_entries(self) -> Tensor:
+        """A copy of the new entries, in the units' order along `dim`."""
+        return self.new.detach().index_select(self.dim, self.positions.to(self.new.device))
+
+    @torch.no_grad()
+    def set_new(self, value: Tensor) -> None:
+        """Write the new entries (`value` in the units' order, any shape with their element count)."""
+        shape = _grown_shape(self.new, self.dim, self.added)
+        self.new.detach().index_copy_(self.dim, self.positions.to(self.new.device), value.to(self.new).reshape(shape))
 
     def widen(self, value: Tensor, fill: float = 0.0) -> Tensor:
         """`value` shaped like the old tensor, with `fill` where the new entries went."""
-        extra = value.new_full(_grown_shape(value, self.dim, self.added), fill)
-        return _insert(value, extra, self.dim, self.start)
+        out = value.new_full(_grown_shape(value, self.dim, self.new.shape[self.dim]), fill)
+        return out.index_copy_(self.dim, self._old_positions(value.device), value)
 
     def narrow(self, value: Tensor) -> Tensor:
         """`value` shaped like the new tensor, with the new entries taken out."""
-        kept = [value[self._index(slice(0, self.start))], value[self._index(slice(self.start + self.added, None))]]
-        return torch.cat(kept, dim=self.dim)
+        return value.index_select(self.dim, self._old_positions(value.device))
 
     def undo(self) -> None:
         _assign(self.module, self.attr, self.old)
@@ -95,11 +114,6 @@ def _grown_shape(value: Tensor, dim: int, count: int) -> list[int]:
     shape = list(value.shape)
     shape[dim] = count
     return shape
-
-
-def _insert(value: Tensor, extra: Tensor, dim: int, at: int) -> Tensor:
-    head, tail = value.split([at, value.shape[dim] - at], dim=dim)
-    return torch.cat([head, extra, tail], dim=dim)
 
 
 #: Attribute of a module of the traced graph listing the user's attributes that hold the same
@@ -134,15 +148,20 @@ def _assign(module: nn.Module, attr: str, value: Tensor) -> None:
             target.register_buffer(name, value)
 
 
-def extend(module: nn.Module, attr: str, extra: Tensor, dim: int, at: int | None = None) -> TensorSwap:
-    """Insert `extra` into `module.attr` along `dim` at index `at` (default: append), as a new
+def extend(module: nn.Module, attr: str, extra: Tensor, dim: int, at: Place = None) -> TensorSwap:
+    """Insert `extra` into `module.attr` along `dim` where `at` says (default: append), as a new
     Parameter (or buffer)."""
     old = getattr(module, attr)
-    at = old.shape[dim] if at is None else at
-    data = _insert(old.detach(), extra.to(dtype=old.dtype, device=old.device), dim, at)
+    size, count = old.shape[dim], extra.shape[dim]
+    positions = positions_of(at, size, count, old.device)
+    data = old.detach().new_empty(_grown_shape(old, dim, size + count))
+    swap = TensorSwap(module, attr, old, data, dim, size, positions)
+    data = swap.widen(old.detach())
+    data.index_copy_(dim, positions, extra.to(dtype=old.dtype, device=old.device))
     new = nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else data
     _assign(module, attr, new)
-    return TensorSwap(module, attr, old, new, dim, old.shape[dim], at)
+    swap.new = new
+    return swap
 
 
 class LayerHandler(ABC):
@@ -193,19 +212,29 @@ class LayerHandler(ABC):
     def output_rows(self, layer: nn.Module, g: Tensor) -> Tensor:
         """A tensor shaped like the layer's output, as rows (n, out) matching `input_rows`."""
 
-    def grow_out(self, layer: nn.Module, rows: Tensor, bias: Tensor | None) -> list[TensorSwap]:
-        """Append outputs: `rows` (K, in_flat) of weights and their biases (zeros if None)."""
+    def output_block(self, layer: nn.Module, rows: Tensor) -> Tensor:
+        """K new outputs' weights as the weight's new slice along dim 0, from `rows` (K, flat)
+        over the layer's inputs as the statistics see them (flattened, every input; rows
+        with fewer inputs than the layer now has get zeros for the rest)."""
         k = rows.shape[0]
-        swaps = [extend(layer, "weight", rows.reshape(k, *layer.weight.shape[1:]), 0)]
+        padded = rows.new_zeros(k, self.in_size(layer) * self.taps(layer))
+        padded[:, : rows.shape[1]] = rows
+        return padded.reshape(k, *layer.weight.shape[1:])
+
+    def grow_out(self, layer: nn.Module, rows: Tensor, bias: Tensor | None, at: Place = None) -> list[TensorSwap]:
+        """New outputs where `at` says (default: appended): `rows` (K, flat, see `output_block`)
+        of weights and their biases (zeros if None)."""
+        k = rows.shape[0]
+        swaps = [extend(layer, "weight", self.output_block(layer, rows), 0, at)]
         if layer.bias is not None:
-            swaps.append(extend(layer, "bias", bias if bias is not None else rows.new_zeros(k), 0))
+            swaps.append(extend(layer, "bias", bias if bias is not None else rows.new_zeros(k), 0, at))
         self.sync_sizes(layer)
         return swaps
 
-    def grow_in(self, layer: nn.Module, block: Tensor, at: int | None = None) -> list[TensorSwap]:
-        """Insert inputs before input unit `at` (default: append): `block` shaped like the
-        weight's new slice (see `input_block`). `at` counts the layer's own inputs (features of
-        a linear layer, even when they are a flattened feature map's)."""
+    def grow_in(self, layer: nn.Module, block: Tensor, at: Place = None) -> list[TensorSwap]:
+        """Insert inputs where `at` says (default: append): `block` shaped like the weight's new
+        slice (see `input_block`). `at` counts the layer's own inputs (features of a linear
+        layer, even when they are a flattened feature map's)."""
         swaps = [extend(layer, "weight", block, 1, at)]
         self.sync_sizes(layer)
         return swaps
@@ -343,6 +372,121 @@ class Conv2dHandler(LayerHandler):
         layer.out_channels, layer.in_channels = layer.weight.shape[:2]
 
 
+class GroupedConv2dHandler(Conv2dHandler):
+    """Conv2d with groups > 1 (ResNeXt, RegNet), seen as the dense conv whose weight is
+    block-diagonal: group i's outputs read group i's inputs only. Rows, weight matrices and
+    outgoing weights are in those dense terms everywhere the statistics and the solver meet the
+    layer, and this handler turns them into the grouped weight (out, in / groups, kh, kw).
+
+    Units are added to every group alike: K = L * groups new units, unit u in group u % groups
+    (`group_of_unit`), each group's at its end (`grouped_positions`). A new output of group i
+    reads group i's inputs; a new input of group i (L more per group: the weight's dim 1 grows by
+    L) feeds group i's outputs. Depthwise convs are carriers instead (`DepthwiseHandler`).
+    """
+
+    def accepts(self, layer: nn.Conv2d) -> bool:
+        return (
+            LayerHandler.accepts(self, layer)
+            and layer.groups > 1
+            and not layer.in_channels == layer.out_channels == layer.groups  # depthwise-shaped
+            and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str)
+        )
+
+    def geometry(self, layer: nn.Conv2d) -> tuple:
+        return (*super().geometry(layer), ("groups", layer.groups))
+
+    def _split(self, layer: nn.Conv2d) -> tuple[int, int, int, int]:
+        """(groups, outputs per group, inputs per group, taps)."""
+        groups = layer.groups
+        return groups, layer.weight.shape[0] // groups, layer.weight.shape[1], self.taps(layer)
+
+    def unit_columns(self, layer: nn.Conv2d, units: int, spatial: int) -> Tensor:
+        groups, per_out, per_in, taps = self._split(layer)
+        w = layer.weight.detach().reshape(groups, per_out, per_in, taps)
+        return w.permute(0, 2, 1, 3).reshape(groups * per_in, per_out * taps)  # its group's outputs only
+
+    def keep_inputs(self, layer: nn.Conv2d, keep: Tensor, spatial: int) -> None:
+        raise ValueError("a grouped conv keeps every input: removing some would unbalance its groups")
+
+    def keep_outputs(self, layer: nn.Conv2d, keep: Tensor) -> None:
+        raise ValueError("a grouped conv keeps every output: removing some would unbalance its groups")
+
+    def weight_matrix(self, layer: nn.Conv2d) -> Tensor:
+        groups, per_out, per_in, taps = self._split(layer)
+        blocks = layer.weight.detach().reshape(groups, per_out, per_in * taps)
+        dense = torch.block_diag(*blocks)
+        return torch.cat([dense, layer.bias.detach()[:, None]], dim=1) if layer.bias is not None else dense
+
+    def add_to_weight_matrix(self, layer: nn.Conv2d, delta: Tensor) -> None:
+        """`delta` in the dense terms of `weight_matrix`; only its diagonal blocks can be applied
+        (the solver's updates of a grouped consumer have nothing elsewhere)."""
+        groups, per_out, per_in, taps = self._split(layer)
+        delta = delta.to(layer.weight)
+        dense = delta[:, : groups * per_in * taps].reshape(groups, per_out, groups, per_in * taps)
+        index = torch.arange(groups, device=delta.device)
+        with torch.no_grad():
+            layer.weight.add_(dense[index, :, index].reshape(layer.weight.shape))
+            if layer.bias is not None:
+                layer.bias.add_(delta[:, -1])
+
+    def output_block(self, layer: nn.Conv2d, rows: Tensor) -> Tensor:
+        """Each new output's weights over its own group's inputs, from dense rows."""
+        groups, _, per_in, taps = self._split(layer)
+        k = rows.shape[0]
+        if rows.shape[1] != groups * per_in * taps:
+            raise ValueError(f"rows over {rows.shape[1]} inputs for a grouped conv reading {groups * per_in * taps}")
+        by_group = rows.reshape(k, groups, per_in * taps)
+        own = by_group[torch.arange(k, device=rows.device), group_of_unit(torch.arange(k, device=rows.device), groups)]
+        return own.reshape(k, *layer.weight.shape[1:])
+
+    def input_block(self, layer: nn.Conv2d, omega: Tensor, spatial: int) -> Tensor:
+        """(out, L, kh, kw) for K = L * groups new inputs: output o takes the new units of its own
+        group at the centre tap, `omega[o, l * groups + group(o)]`."""
+        groups, per_out, _, _ = self._split(layer)
+        out, k = omega.shape
+        levels = k // groups
+        group = torch.arange(out, device=omega.device)[:, None] // per_out
+        own = omega.gather(1, torch.arange(levels, device=omega.device)[None, :] * groups + group)  # (out, levels)
+        kh, kw = layer.kernel_size
+        block = omega.new_zeros(out, levels, kh, kw)
+        th, tw = centre_tap(layer)
+        block[:, :, th, tw] = own
+        return block
+
+    def grow_in(self, layer: nn.Conv2d, block: Tensor, at: Place = None) -> list[TensorSwap]:
+        """L new inputs per group: each group's go at its end (dim 1 holds one group's inputs)."""
+        swaps = [extend(layer, "weight", block, 1)]
+        self.sync_sizes(layer)
+        return swaps
+
+    def sync_sizes(self, layer: nn.Conv2d) -> None:
+        layer.out_channels = layer.weight.shape[0]
+        layer.in_channels = layer.weight.shape[1] * layer.groups
+
+    def params_per_output(self, layer: nn.Conv2d) -> int:
+        return layer.weight.shape[1] * self.taps(layer) + int(self.has_bias(layer))
+
+    def params_per_input(self, layer: nn.Conv2d, spatial: int = 1) -> int:
+        return layer.weight.shape[0] // layer.groups * self.taps(layer)
+
+
+def group_of_unit(unit: Tensor, groups: int) -> Tensor:
+    """The group of each new unit: units are numbered level by level, one per group in each."""
+    return unit % groups
+
+
+def grouped_positions(width: int, groups: int, count: int) -> Tensor:
+    """Where `count` new units (a multiple of `groups`) go among `width` units in `groups` equal
+    groups: group i's new units at its end, in the units' order (see `group_of_unit`)."""
+    if width % groups or count % groups:
+        raise ValueError(f"{count} new units over {width} units cannot be spread evenly over {groups} groups")
+    per_group, levels = width // groups, count // groups
+    unit = torch.arange(count)
+    group, level = group_of_unit(unit, groups), unit // groups
+    return group * (per_group + levels) + per_group + level
+
+
 def conv_output_size(layer: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
     out = []
     for i in range(2):
@@ -383,7 +527,7 @@ class ChannelHandler(ABC):
     def matches(self, module: nn.Module) -> bool: ...
 
     @abstractmethod
-    def grow_pass_through(self, module: nn.Module, count: int, at: int | None = None) -> list[TensorSwap]:
+    def grow_pass_through(self, module: nn.Module, count: int, at: Place = None) -> list[TensorSwap]:
         """`count` entries that let new units through (nearly) unchanged, inserted before channel
         `at` (default: appended)."""
 
@@ -407,7 +551,7 @@ class BatchNormHandler(ChannelHandler):
         mean: Tensor,
         var: Tensor,
         weight: float = 0.0,
-        at: int | None = None,
+        at: Place = None,
     ) -> list[TensorSwap]:
         """`count` new entries with weight `weight`, bias 0 and the given running statistics,
         inserted before channel `at` (default: appended)."""
@@ -422,7 +566,7 @@ class BatchNormHandler(ChannelHandler):
         self.sync_sizes(bn)
         return swaps
 
-    def grow_pass_through(self, module: nn.Module, count: int, at: int | None = None) -> list[TensorSwap]:
+    def grow_pass_through(self, module: nn.Module, count: int, at: Place = None) -> list[TensorSwap]:
         """Weight 1, bias 0, the statistics of a zero-mean, unit-variance input."""
         return self.grow(module, count, torch.zeros(count), torch.ones(count), weight=1.0, at=at)
 
@@ -442,7 +586,7 @@ class DepthwiseHandler(ChannelHandler):
     def matches(self, module: nn.Module) -> bool:
         return is_depthwise(module)
 
-    def grow_pass_through(self, layer: nn.Conv2d, count: int, at: int | None = None) -> list[TensorSwap]:
+    def grow_pass_through(self, layer: nn.Conv2d, count: int, at: Place = None) -> list[TensorSwap]:
         """`count` identity channels inserted before channel `at` (default: appended)."""
         kernel = layer.weight.new_zeros(count, 1, *layer.kernel_size)
         th, tw = centre_tap(layer)
@@ -486,9 +630,7 @@ class UnitNormHandler(ChannelHandler):
         """It removes the units' mean (LayerNorm), so new units must enter at that mean."""
         return isinstance(module, nn.LayerNorm)
 
-    def grow_pass_through(
-        self, module: nn.Module, count: int, at: int | None = None
-    ) -> list[TensorSwap | AttributeSwap]:
+    def grow_pass_through(self, module: nn.Module, count: int, at: Place = None) -> list[TensorSwap | AttributeSwap]:
         weight = module.weight.detach()
         share = weight.shape[0] / (weight.shape[0] + count)
         factor = math.sqrt(share)
@@ -515,10 +657,10 @@ DEPTHWISE = DepthwiseHandler()
 UNIT_NORM = UnitNormHandler()
 
 #: The registry: every layer type growc grows, and every per-channel type it grows through.
-LAYERS: tuple[LayerHandler, ...] = (LinearHandler(), Conv2dHandler())
+LAYERS: tuple[LayerHandler, ...] = (LinearHandler(), Conv2dHandler(), GroupedConv2dHandler())
 CHANNELS: tuple[ChannelHandler, ...] = (BATCHNORM, DEPTHWISE, UNIT_NORM)
 
-#: Layers that hold weights for a cost count (growable or not: grouped convs, 1-D and 3-D convs).
+#: Layers that hold weights for a cost count (growable or not: 1-D and 3-D convs).
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -566,7 +708,10 @@ def unhandled_reason(module: nn.Module | None) -> str | None:
             f"the {type(module).__name__} computes its weight (a parametrization such as weight_norm) or "
             "replaces its layer's forward: growc does not widen it"
         )
-    return "grouped or non-zero-padded convs are not grown; a depthwise conv grows with the layer feeding it"
+    return (
+        "convs padded other than with zeros, or with padding given as a string, are not grown; a depthwise "
+        "conv grows with the layer feeding it"
+    )
 
 
 def layer_multiply_adds(module: nn.Module, output: Tensor) -> int:
@@ -594,7 +739,18 @@ def sync_sizes(module: nn.Module) -> None:
         BATCHNORM.sync_sizes(module)
     elif UNIT_NORM.matches(module):
         UNIT_NORM.sync_sizes(module)
-    elif is_depthwise(module) or (isinstance(module, nn.Conv2d) and module.groups > 1):
+    elif is_depthwise(module) or _carried_depthwise(module):
         DEPTHWISE.sync_sizes(module)  # mid-undo its sizes disagree with its weight: not "depthwise" yet
     elif (h := handler_for(module)) is not None:
         h.sync_sizes(module)
+
+
+def _carried_depthwise(module: nn.Module) -> bool:
+    """A depthwise conv by its size attributes (one input per group, as many groups as channels),
+    whatever its weight's shape says now: mid-undo the two disagree."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups > 1
+        and module.weight.shape[1] == 1
+        and module.in_channels == module.out_channels == module.groups
+    )

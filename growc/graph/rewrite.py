@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from growc.graph.handlers import (
     BATCHNORM,
+    Place,
     TensorSwap,
     channel_handler_for,
     extend,
@@ -74,6 +75,16 @@ def _no_larger_than_its_columns(omega: Tensor, reader: nn.Module, spatial: int) 
     return omega * (level / norms).clamp(max=1.0).to(omega)
 
 
+def _features(at: Place, spatial: int) -> Place:
+    """A place among a reader's units as a place among its input features (`spatial` per unit:
+    a linear layer reading a flattened feature map, unit by unit)."""
+    if at is None or spatial == 1:
+        return at
+    if isinstance(at, Tensor):
+        return (at[:, None] * spatial + torch.arange(spatial)).flatten()
+    return at * spatial
+
+
 class SiteGrowth:
     """New units added to a site, whose amplitude can still be set, or the whole undone.
 
@@ -88,10 +99,15 @@ class SiteGrowth:
         self.count = k = units.count
         self._producer = producer = root.get_submodule(site.producer)
         p_handler = handler_for(producer)
-        # Where each reader takes the new units, read before anything grows (offsets and the
-        # features per channel depend on the current widths).
-        places = {r: (site.insertion_index(root, r), site.spatial_size(root, r)) for r in site.readers}
-        entries_at = {name: site.insertion_index(root, name) for name in (*site.carriers, *dict(site.broadcasts))}
+        # Where each layer takes the new units, read before anything grows (offsets, positions in
+        # channel groups and the features per channel depend on the current widths).
+        places = {r: (site.place(root, r, k), site.spatial_size(root, r)) for r in site.readers}
+        entries_at = {
+            name: site.place(root, name, k)
+            for name in (site.producer, *site.writers, *site.writer_norms, *site.carriers, *dict(site.broadcasts))
+        }
+        if site.norm is not None:
+            entries_at[site.norm] = entries_at[site.producer]
         broadcast_dims = {path: site.broadcast_dim(root, path) for path, _ in site.broadcasts}
         # Other sites may have grown in the same step since the units were solved: the producer
         # may have new inputs and a consumer new outputs. Those connect with zeros.
@@ -106,7 +122,9 @@ class SiteGrowth:
         # Through a LayerNorm the new units start at the mean of the old ones (see
         # `UnitNormHandler`): every writer's new rows are the mean of its rows, the neurons on top.
         mean_rows, mean_bias = _mean_rows(producer, k, flat_in) if site.centred else (None, None)
-        swaps = p_handler.grow_out(producer, rows.new_zeros(rows.shape), rows.new_zeros(k))
+        swaps = p_handler.grow_out(producer, rows.new_zeros(rows.shape), rows.new_zeros(k), entries_at[site.producer])
+        self._new_channels = swaps[0].positions
+        rows = p_handler.output_block(producer, rows)  # in the weight's terms (one group's inputs, say)
         self._add(swaps[0], rows, scaled=not behind_norm, base=mean_rows)
         if len(swaps) > 1:
             self._add(swaps[1], bias, scaled=not behind_norm, base=mean_bias)
@@ -115,13 +133,13 @@ class SiteGrowth:
             norm = root.get_submodule(site.norm)
             mean = units.norm_mean if units.norm_mean is not None else rows.new_zeros(k)
             var = units.norm_var if units.norm_var is not None else rows.new_ones(k)
-            for swap in BATCHNORM.grow(norm, k, mean, var):
+            for swap in BATCHNORM.grow(norm, k, mean, var, at=entries_at[site.norm]):
                 if swap.attr == "weight":
                     weight = units.norm_weight if units.norm_weight is not None else rows.new_ones(k)
                     self._add(swap, weight, scaled=True)
                 else:
                     self.swaps.append(swap)  # bias stays 0; running stats are set once
-        self._grow_tied(root, k, rows, entries_at)
+        self._grow_tied(root, k, units.rows, entries_at)
         for path, fill in site.broadcasts:
             dim = broadcast_dims[path]
             if dim is not None:
@@ -152,7 +170,7 @@ class SiteGrowth:
             omega[: fitted.shape[0]] = _no_larger_than_its_columns(fitted, attached, places[name][1])
             self._add(*self._grow_reader(attached, omega, places[name]), scaled=True)
 
-    def _grow_tied(self, root: nn.Module, k: int, ref: Tensor, entries_at: dict[str, int | None]) -> None:
+    def _grow_tied(self, root: nn.Module, k: int, ref: Tensor, entries_at: dict[str, Place]) -> None:
         """The other writers (zero rows), their BatchNorms and the carriers (pass-through entries,
         at the units' offset where a concatenation put them among others)."""
         zeros = ref.new_zeros(k)
@@ -161,19 +179,21 @@ class SiteGrowth:
             handler = handler_for(writer)
             flat_in = handler.in_size(writer) * handler.taps(writer)
             rows, bias = _mean_rows(writer, k, flat_in) if self.site.centred else (ref.new_zeros(k, flat_in), zeros)
-            self.swaps += handler.grow_out(writer, rows.to(ref), None if bias is None else bias.to(ref))
+            self.swaps += handler.grow_out(
+                writer, rows.to(ref), None if bias is None else bias.to(ref), entries_at[name]
+            )
         for name in (*self.site.writer_norms, *self.site.carriers):
             module = root.get_submodule(name)
             self.swaps += channel_handler_for(module).grow_pass_through(module, k, entries_at.get(name))
 
     @staticmethod
-    def _grow_reader(reader: nn.Module, omega: Tensor, place: tuple[int | None, int]) -> tuple[TensorSwap, Tensor]:
+    def _grow_reader(reader: nn.Module, omega: Tensor, place: tuple[Place, int]) -> tuple[TensorSwap, Tensor]:
         """Give `reader` K new inputs at its place (zeros for now); returns the swap and the
         block of outgoing weights `omega` stands for."""
         at, spatial = place
         handler = handler_for(reader)
         block = handler.input_block(reader, omega, spatial)
-        (swap,) = handler.grow_in(reader, torch.zeros_like(block), None if at is None else at * spatial)
+        (swap,) = handler.grow_in(reader, torch.zeros_like(block), _features(at, spatial))
         return swap, block
 
     def _add(self, swap: TensorSwap, value: Tensor, scaled: bool, base: Tensor | None = None) -> None:
@@ -186,17 +206,15 @@ class SiteGrowth:
         """The running statistics of the new entries of the BatchNorm right after the producer."""
         for swap in self.swaps:
             if swap.attr in ("running_mean", "running_var") and swap.module is self._norm_module:
-                value = mean if swap.attr == "running_mean" else var
-                swap.new[swap.new_slice()] = value.to(swap.new)
+                swap.set_new(mean if swap.attr == "running_mean" else var)
 
     @torch.no_grad()
     def set_amplitude(self, gamma: float) -> None:
         for swap, value, scaled, base in self._targets:
-            target = swap.new[swap.new_slice()]
             entries = gamma * value if scaled else value
             if base is not None:
-                entries = entries + base.to(entries)
-            target.copy_(entries.reshape(target.shape))
+                entries = entries + base.reshape(entries.shape).to(entries)
+            swap.set_new(entries)
 
     def undo(self) -> None:
         for swap in reversed(self.swaps):
@@ -220,11 +238,11 @@ class SiteGrowth:
         a BatchNorm, so the statistics hold for every amplitude the line search tries."""
         if self._norm_module is None:
             return
-        new = slice(handler_for(self._producer).out_size(self._producer) - self.count, None)
         seen: list[Tensor] = []
 
         def keep_new_channels(module: nn.Module, args: tuple, output: Tensor) -> None:
-            seen.append(output[:, new].detach().transpose(0, 1).reshape(self.count, -1).double())
+            new = output.index_select(1, self._new_channels.to(output.device))
+            seen.append(new.detach().transpose(0, 1).reshape(self.count, -1).double())
 
         self.set_amplitude(0.0)  # writes the new rows (unscaled behind the norm); the function is unchanged
         hook = self._producer.register_forward_hook(keep_new_channels)

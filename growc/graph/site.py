@@ -63,6 +63,21 @@ class Rows:
     sampled: bool = False
 
 
+@dataclass(frozen=True)
+class ChannelGroups:
+    """A site's units in `count` channel groups (grouped convs), in the coordinates of its
+    statistics: `inputs_read[i]` the coordinates of the producer's flattened input that group i's
+    units read (None: all, a dense producer); per consumer, `outputs[c][i]` the outputs group i's
+    units feed and `inputs[c][i]` the coordinates of the consumer's own rows (with its bias
+    column) that those outputs read (None for a dense consumer)."""
+
+    count: int
+    inputs_read: tuple[Tensor, ...] | None
+    outputs: tuple[tuple[Tensor, ...] | None, ...]
+    inputs: tuple[tuple[Tensor, ...] | None, ...]
+    constant: int  # the coordinate of the constant 1 after the producer's inputs
+
+
 class Growth(Protocol):
     """A site's new units built into the model, their amplitude still adjustable."""
 
@@ -132,6 +147,10 @@ class Site(Protocol):
 
     def input_mode(self, root: nn.Module) -> InputModeName:
         """How the new units read their input: see `growc.tiny.input_mode.InputMode`."""
+        ...
+
+    def channel_groups(self, root: nn.Module) -> ChannelGroups | None:
+        """How the units split into channel groups in the statistics' terms (None: they do not)."""
         ...
 
     def reached_sites(self) -> list[Site]:

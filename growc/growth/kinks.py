@@ -80,11 +80,14 @@ def signed_gains(
     return torch.stack([plus, minus], dim=1)
 
 
-def choose_signs(gains: Tensor, neurons: Neurons) -> Neurons:
-    """Flip each neuron to its better sign; drop those that help with neither."""
+def choose_signs(gains: Tensor, neurons: Neurons, together: int = 1) -> Neurons:
+    """Flip each neuron to its better sign; drop those that help with neither. Neurons that come
+    `together` (one per channel group) are kept or dropped together, on their summed gain."""
     best, which = gains.max(dim=1)
     sign = torch.where(which == 0, 1.0, -1.0).to(neurons.alpha)
     keep = best > 0
+    if together > 1:
+        keep = (best.reshape(-1, together).sum(1) > 0).repeat_interleave(together)
     return Neurons(
         alpha=(neurons.alpha * sign)[:, keep], omega=(neurons.omega * sign)[:, keep], lambdas=neurons.lambdas[keep]
     )

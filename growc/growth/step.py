@@ -12,12 +12,13 @@ from torch import Tensor, nn
 
 from growc.graph.handlers import handler_for
 from growc.graph.rewrite import NewUnits, carry_optimizer_state, uncarry_optimizer_state
-from growc.graph.site import Growth, Site, conflict
+from growc.graph.site import ChannelGroups, Growth, Site, conflict
 from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_search
 from growc.growth.config import GrowthConfig
 from growc.growth.kinks import choose_signs, is_kinked, signed_gains
 from growc.growth.report import SiteGrowthRecord
 from growc.growth.train import LossFn, batch_loss, join_batches, modes_kept
+from growc.tiny.grouping import UnitGroups
 from growc.tiny.input_mode import InputMode
 from growc.tiny.significance import significant_neuron_count
 from growc.tiny.site_solution import SiteSolution, inverses, neurons_raw_gain, solve_site
@@ -42,6 +43,12 @@ class SiteAssessment:
     # The significance test of the first neuron: its held-out alignment (mean over the folds),
     # that mean's standard error, and the z it had to clear (mean > z * std_error).
     test: tuple[float, float, float] | None = None
+    groups: UnitGroups | None = None  # channel groups: neurons come a level (one per group) at a time
+
+    @property
+    def group_size(self) -> int:
+        """Neurons that can only be added together (one per channel group)."""
+        return self.groups.count if self.groups is not None else 1
 
     def summary(self) -> dict[str, float | int]:
         """What the method says about the site, in numbers: its expressivity bottleneck (absolute
@@ -73,15 +80,18 @@ def assess_sites(
         acc = accumulators[site.name]
         if acc.rows == 0:
             continue
-        cap = config.new_neuron_cap(site.width(model))
         mode = InputMode(site.input_mode(model))
+        groups = _unit_groups(site.channel_groups(model), mode)
+        cap = config.new_neuron_cap(site.width(model))
+        if groups is not None:
+            cap = max(groups.levels(cap), 1) * groups.count
         raw = acc.total()
         if not _finite(raw):
             continue  # a NaN/inf gradient poisoned this site's statistics: no growth there this step
         moments = mode.prepare(raw)
-        shared = inverses(moments, config.ridge)
-        solution = solve_site(moments, max_neurons=cap, shared=shared)
-        significance = significant_neuron_count(acc, cap, config.significance_z, mode, shared)
+        shared = inverses(moments, config.ridge, groups)
+        solution = solve_site(moments, max_neurons=cap, shared=shared, groups=groups)
+        significance = significant_neuron_count(acc, cap, config.significance_z, mode, shared, groups)
         reached = []
         for sub in site.reached_sites():
             sub_acc = accumulators.get(sub.name)
@@ -105,9 +115,21 @@ def assess_sites(
                     if significance.held_out_alignment
                     else None
                 ),
+                groups=groups,
             )
         )
     return out
+
+
+def _unit_groups(groups: ChannelGroups | None, mode: InputMode) -> UnitGroups | None:
+    """The graph's channel groups in the solver's terms: with AFFINE inputs each group's units
+    also read the constant (their bias)."""
+    if groups is None:
+        return None
+    read = groups.inputs_read
+    if read is not None and mode.bias_rows:
+        read = tuple(torch.cat([r, torch.tensor([groups.constant])]) for r in read)
+    return UnitGroups(groups.count, read, groups.outputs, groups.inputs)
 
 
 def _finite(moments: SiteMoments) -> bool:
@@ -124,18 +146,26 @@ def allocate(assessments: list[SiteAssessment], budget: int | None) -> dict[str,
 def allocate_with_reasons(
     assessments: list[SiteAssessment], budget: int | None
 ) -> tuple[dict[str, int], dict[str, str]]:
-    """`allocate`, and for each site given fewer neurons than passed its test, why."""
-    items = [(a.gain_per_parameter(k), a) for a in assessments for k in range(a.significant)]
+    """`allocate`, and for each site given fewer neurons than passed its test, why. Neurons that
+    only come together (one per channel group) are taken together, at their mean gain."""
+    items = []
+    for a in assessments:
+        size = a.group_size
+        for first in range(0, a.significant - size + 1, size):
+            gain = sum(a.gain_per_parameter(k) for k in range(first, first + size)) / size
+            items.append((gain, a))
     items.sort(key=lambda item: -item[0])
     counts: dict[str, int] = {}
     chosen: list[Site] = []
     reasons: dict[str, str] = {}
     spent = 0
     for _, a in items:
-        if budget is not None and spent + a.cost > budget:
+        cost = a.cost * a.group_size
+        if budget is not None and spent + cost > budget:
+            what = "a neuron costs" if a.group_size == 1 else f"{a.group_size} neurons (one per channel group) cost"
             reasons.setdefault(
                 a.site.name,
-                f"over the parameter budget: a neuron costs {a.cost:,} parameters and {max(budget - spent, 0):,} are left",
+                f"over the parameter budget: {what} {cost:,} parameters and {max(budget - spent, 0):,} are left",
             )
             continue
         if a.site.name not in counts:
@@ -144,12 +174,12 @@ def allocate_with_reasons(
                 reasons.setdefault(
                     a.site.name,
                     f"'{other.name}' grows in this step and one of the two puts units between a layer's old "
-                    "inputs (a concatenation): it can grow next step",
+                    "units (a concatenation or channel groups): it can grow next step",
                 )
                 continue
             chosen.append(a.site)
-        counts[a.site.name] = counts.get(a.site.name, 0) + 1
-        spent += a.cost
+        counts[a.site.name] = counts.get(a.site.name, 0) + a.group_size
+        spent += cost
     return counts, reasons
 
 
@@ -173,7 +203,8 @@ def new_units(a: SiteAssessment, neurons: Neurons, dtype: torch.dtype) -> tuple[
     """The neurons in the layers' terms, scaled so that at gamma = 1 a new unit is as large as a
     typical existing one (pre-activation or BatchNorm weight, and outgoing column norm). Returns
     the units and the factor from the solver's scale to gamma = 1 (for the predicted gain)."""
-    lambda_1 = float(neurons.lambdas[0]) if neurons.count and float(neurons.lambdas[0]) > 0 else 1.0
+    # (the largest: under channel groups the neurons come group by group, not by gain)
+    lambda_1 = float(neurons.lambdas.max()) if neurons.count and float(neurons.lambdas.max()) > 0 else 1.0
     omega = (neurons.omega * (a.column_rms / lambda_1)).to(dtype)
     reached = {
         reader: (w * (a.column_rms / lambda_1)).to(dtype)
@@ -349,7 +380,11 @@ def grow_site(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[SiteGrow
 def _proposed_neurons(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[Neurons, str | None]:
     """The strategy's neurons; under a kinked activation each takes its better sign and those that
     help with neither are dropped (the reason says so)."""
+    if a.groups is not None:  # whole levels: one neuron per channel group
+        count = max(a.groups.levels(count), 1) * a.groups.count
     neurons = ctx.strategy.propose(a.solution, a.moments, count, ctx.generator)
+    if a.groups is not None:  # the strategies propose dense neurons; each unit keeps to its group
+        neurons = a.groups.restrict(neurons, [u.delta.shape[0] for u in a.solution.updates])
     if not is_kinked(a.site) or ctx.strategy.function_preserving:
         return neurons, None
     rows = [u.delta.shape[0] for u in a.solution.updates]
@@ -358,12 +393,13 @@ def _proposed_neurons(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[
         ctx.model, a.site, neurons, a.mode, a.input_mean, rows, batch.inputs, batch.target, batch.loss_fn
     )
     proposed = neurons.count
-    neurons = choose_signs(gains, neurons)
+    neurons = choose_signs(gains, neurons, a.group_size)
     if neurons.count == proposed:
         return neurons, None
     return neurons, (
         f"the sign test kept {neurons.count} of {proposed} neurons: under the kink at 0 neither sign "
         "of the others lowered the line-search loss"
+        + (" (their channel groups' neurons together)" if a.group_size > 1 else "")
     )
 
 

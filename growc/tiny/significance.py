@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from growc.tiny.grouping import UnitGroups
 from growc.tiny.site_solution import Inverses, solve_site
 from growc.tiny.solver import neuron_alignment, projected_desired_update
 from growc.tiny.statistics import MomentAccumulator
@@ -43,18 +44,24 @@ class SignificanceResult:
 
 
 def significant_neuron_count(
-    acc: MomentAccumulator, max_neurons: int, z: float = 2.0, mode: str = "affine", shared: Inverses | None = None
+    acc: MomentAccumulator,
+    max_neurons: int,
+    z: float = 2.0,
+    mode: str = "affine",
+    shared: Inverses | None = None,
+    groups: UnitGroups | None = None,
 ) -> SignificanceResult:
     """Count the leading neurons whose held-out alignment is significant; `mode` as in
     `growc.tiny.statistics.prepare_inputs`. `shared`: inverses of the whole data's second moments,
     used for every fold (the fold's own cross-moments M, P, C keep the test honest; the second
-    moments only set the metric, and sharing them saves 4 factorizations per site)."""
+    moments only set the metric, and sharing them saves 4 factorizations per site). With
+    `groups` (channel groups) the count is a whole number of levels, one unit per group each."""
     folds = acc.folds_prepared(mode) if len(acc.usable_folds()) >= 2 else []
     if not folds or max_neurons <= 0:
         return SignificanceResult(0, [], [])
     gains = torch.full((len(folds), max_neurons), float("nan"), dtype=torch.float64)
     for row, (rest, held) in enumerate(folds):
-        train = solve_site(rest, max_neurons, shared)
+        train = solve_site(rest, max_neurons, shared, groups)
         n_held = torch.cat(
             [projected_desired_update(c.p, c.c, u) for c, u in zip(held.consumers, train.updates)],
             dim=1,
@@ -74,4 +81,6 @@ def significant_neuron_count(
         best = int(cumulative.argmax())
         within = cumulative >= cumulative[best] - cumulative_error[best]
         count = int(within.nonzero()[0]) + 1
+        if groups is not None:
+            count = max(groups.levels(count), 1) * groups.count  # the first unit passed: its level
     return SignificanceResult(count, mean.tolist(), std_error.tolist())

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from growc.tiny.grouping import UnitGroups, grouped_best_neurons, grouped_best_update
 from growc.tiny.solver import (
     BestUpdate,
     Neurons,
@@ -42,26 +43,69 @@ class Inverses:
     """The expensive part of a solve (the factorizations), reusable across folds."""
 
     whitening: Whitening  # of S'
-    consumer_whitenings: tuple[Whitening, ...]  # of each consumer's S: W^T W = S^+
+    consumer_whitenings: tuple[Whitening | tuple[Whitening, ...], ...]  # of each consumer's S (per group if grouped)
+    group_whitenings: tuple[Whitening, ...] | None = None  # of each group's block of S' (a grouped producer)
 
 
-def inverses(moments: SiteMoments, ridge: float = 0.0) -> Inverses:
-    """`ridge` > 0 shrinks S' before whitening it (see `shrunk_whitening`); 0 is the exact solve."""
-    white = shrunk_whitening(moments.s_prev, ridge, moments.has_ones) if ridge > 0 else whitening(moments.s_prev)
-    return Inverses(white, tuple(whitening(c.s) for c in moments.consumers))
+def _producer_whitening(s_prev: Tensor, ridge: float, has_ones: bool) -> Whitening:
+    return shrunk_whitening(s_prev, ridge, has_ones) if ridge > 0 else whitening(s_prev)
 
 
-def solve_site(moments: SiteMoments, max_neurons: int | None = None, shared: Inverses | None = None) -> SiteSolution:
+def inverses(moments: SiteMoments, ridge: float = 0.0, groups: UnitGroups | None = None) -> Inverses:
+    """`ridge` > 0 shrinks S' before whitening it (see `shrunk_whitening`); 0 is the exact solve.
+    With `groups`, the blocks that a grouped site's solve uses are factorized instead."""
+    white = _producer_whitening(moments.s_prev, ridge, moments.has_ones)
+    if groups is None:
+        return Inverses(white, tuple(whitening(c.s) for c in moments.consumers))
+    consumers = tuple(
+        whitening(c.s) if cols is None else tuple(whitening(c.s[i][:, i]) for i in cols)
+        for c, cols in zip(moments.consumers, groups.inputs)
+    )
+    blocks = None
+    if groups.prev_coords is not None:
+        # (with AFFINE inputs each group's coordinates end with the constant, as the whole's do)
+        blocks = tuple(
+            _producer_whitening(moments.s_prev[i][:, i], ridge, moments.has_ones) for i in groups.prev_coords
+        )
+    return Inverses(white, consumers, blocks)
+
+
+def _updates(moments: SiteMoments, shared: Inverses | None, groups: UnitGroups | None) -> tuple[BestUpdate, ...]:
+    whites = shared.consumer_whitenings if shared is not None else (None,) * len(moments.consumers)
+    if groups is None:
+        return tuple(best_update(c.s, c.m, white=w) for c, w in zip(moments.consumers, whites))
+    return tuple(
+        best_update(c.s, c.m, white=w) if cols is None else grouped_best_update(c.s, c.m, cols, outputs, w)
+        for c, w, cols, outputs in zip(moments.consumers, whites, groups.inputs, groups.outputs)
+    )
+
+
+def solve_site(
+    moments: SiteMoments,
+    max_neurons: int | None = None,
+    shared: Inverses | None = None,
+    groups: UnitGroups | None = None,
+) -> SiteSolution:
     """The site's best updates, bottleneck and neurons. With `shared`, the inverses of the second
     moments are taken from there instead of being recomputed (the significance test solves the
     same site on every fold: the inverses of all the data serve each fold, only M, P and C are
-    the fold's)."""
-    whites = shared.consumer_whitenings if shared is not None else (None,) * len(moments.consumers)
-    updates = tuple(best_update(c.s, c.m, white=w) for c, w in zip(moments.consumers, whites))
+    the fold's). With `groups`, the units come in channel groups (`growc.tiny.grouping`)."""
+    updates = _updates(moments, shared, groups)
     n_matrix = torch.cat([projected_desired_update(c.p, c.c, u) for c, u in zip(moments.consumers, updates)], dim=1)
+    if groups is None:
+        neurons = best_neurons(moments.s_prev, n_matrix, max_neurons, shared.whitening if shared else None)
+    else:
+        sizes = [u.delta.shape[0] for u in updates]
+
+        def whiten(i: int) -> Whitening | None:
+            if shared is None:
+                return None
+            return shared.whitening if shared.group_whitenings is None else shared.group_whitenings[i]
+
+        neurons = grouped_best_neurons(moments.s_prev, n_matrix, groups, sizes, max_neurons, whiten)
     return SiteSolution(
         updates=updates,
-        neurons=best_neurons(moments.s_prev, n_matrix, max_neurons, shared.whitening if shared else None),
+        neurons=neurons,
         n_matrix=n_matrix,
         bottleneck=sum(bottleneck(c.g_sq, u) for c, u in zip(moments.consumers, updates)),
         gradient_energy=sum(c.g_sq for c in moments.consumers),
