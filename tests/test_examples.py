@@ -80,3 +80,28 @@ def test_transformer_example_grows_its_stream_through_every_layernorm(tmp_path):
     assert result.exit_code == 0, result.output
     final = json.loads((tmp_path / "report.json").read_text())["final"]
     assert final["final_params"] > final["initial_params"] and final["onnx_max_abs_diff"] <= 1e-4
+
+
+def test_resnext_example_grows_every_channel_group_alike(tmp_path):
+    from typer.testing import CliRunner
+
+    from growc import load
+    from growc.graph.candidates import find_width_sites
+    from growc.graph.trace import trace
+    from growc.userfile import load_user_file
+
+    user = load_user_file(ROOT / "examples" / "digits_resnext.py")
+    grouped = {s.name for s in find_width_sites(trace(user.model)).sites if s.groups == 4}
+    assert grouped == {"block1.reduce", "block1.grouped", "block2.reduce", "block2.grouped"}
+    args = ["grow", str(ROOT / "examples" / "digits_resnext.py"), "--out", str(tmp_path), "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--steps", "3", "--final-epochs", "1"])
+    assert result.exit_code == 0, result.output
+    final = json.loads((tmp_path / "report.json").read_text())["final"]
+    assert final["onnx_max_abs_diff"] <= 1e-4
+    grew = {name for name in grouped if final["widths"][name] > 8}
+    assert grew, final["widths"]
+    reloaded = load(tmp_path / "model.safetensors")
+    for name in grouped:
+        conv = reloaded.get_submodule(name.replace("reduce", "grouped"))
+        assert conv.groups == 4 and conv.in_channels % 4 == 0 and conv.out_channels % 4 == 0
+    assert all(final["widths"][name] % 4 == 0 for name in grouped)
