@@ -97,3 +97,57 @@ def test_a_site_knows_whether_its_activation_has_a_kink_at_zero(activation, kink
     """The sign test (growth/kinks.py) runs where the activation has a kink at 0, whatever its name."""
     (site,) = find_width_sites(trace(nn.Sequential(nn.Linear(4, 3), activation, nn.Linear(3, 2)))).sites
     assert site.kinked is kinked
+
+
+class _DropPath(nn.Module):
+    """timm's DropPath, written out: one random factor per sample in training, identity in eval."""
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class _GlobalGate(nn.Module):
+    """One factor per sample, but computed from the sample's values: a new unit would move it."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x.flatten(1).mean(1)).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+class _ChannelDrop(nn.Module):
+    """A random factor per sample and channel: more channels would draw other factors."""
+
+    def forward(self, x):
+        return x * torch.rand(x.shape[:2] + (1,) * (x.ndim - 2)) if self.training else x
+
+
+class _Residual(nn.Module):
+    def __init__(self, drop: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.body, self.drop, self.head = nn.Linear(5, 4), nn.Linear(4, 4), drop, nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head(h + self.drop(self.body(h)))
+
+
+@pytest.mark.parametrize(
+    "drop, carries", [(_DropPath(), True), (_GlobalGate(), False), (_ChannelDrop(), False)], ids=lambda v: str(v)
+)
+def test_stochastic_depth_called_whole_carries_the_stream_and_look_alikes_do_not(drop, carries):
+    """A module the graph calls whole (it reads self.training) that scales each sample by a factor
+    of its own, independent of the values, lets the stream's units through; one whose factor
+    depends on the values or on the channel does not. The random generator is left as it was."""
+    from growc.graph.elementwise import scales_each_sample
+
+    state = torch.random.get_rng_state()
+    assert scales_each_sample(drop) is carries
+    assert torch.equal(torch.random.get_rng_state(), state)
+    sites = {s.name: s for s in find_width_sites(trace(_Residual(drop))).sites}
+    assert ("stem" in sites and "body" in sites["stem"].writers) is carries

@@ -15,6 +15,7 @@ the module or the call.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -37,6 +38,8 @@ class ElementwiseOp:
 OPS: dict[str, ElementwiseOp] = {
     "identity": ElementwiseOp(None),
     "dropout": ElementwiseOp(None),  # identity in eval mode, a random mask in training: unit by unit
+    # a module that multiplies each sample by a factor of its own (stochastic depth), probed
+    "sample_scaling": ElementwiseOp(None),
     "contiguous": ElementwiseOp(None),
     "clone": ElementwiseOp(None),
     "relu": ElementwiseOp(0.5, kinked=True),
@@ -202,6 +205,8 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
         kind = _MODULES.get(type(module))
         if kind == "prelu" and module.weight.numel() != 1:
             return None  # one slope per channel: a parameter of the units' size, not listed
+        if kind is None and scales_each_sample(module):
+            return "sample_scaling"
         return kind
     if node.op == "call_function":
         try:
@@ -211,6 +216,64 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_method":
         return _METHODS.get(str(node.target))
     return None
+
+
+_PROBED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+_PROBE_SHAPES = ((4, 6, 5, 5), (4, 5, 6), (4, 6))  # feature maps, tokens, vectors
+
+
+def scales_each_sample(module: nn.Module) -> bool:
+    """Whether a module of the user's, called whole, multiplies each sample by a factor of its own
+    that does not depend on the sample's values, in training and in eval mode: stochastic depth
+    (torchvision's StochasticDepth, timm's DropPath), which the graph calls whole because it
+    reads `self.training`. Then each unit passes through it alone, and a unit that is 0 stays 0.
+
+    Probed, since its forward is not in the graph: without Parameters or buffers, on random
+    inputs of three ranks, with the same random draws for two different inputs, the outputs
+    must be the inputs times the same per-sample factors (at least one rank must give outputs
+    of the input's shape, and every such rank must pass). The
+    random generator's state is restored afterwards."""
+    if module in _PROBED:
+        return _PROBED[module]
+    known = type(module).__module__.startswith("torch.")
+    answer = not known and not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
+    if answer:
+        answer = _probe(module)
+    _PROBED[module] = answer
+    return answer
+
+
+def _probe(module: nn.Module) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    was_training = module.training
+    ran = False
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for training in (True, False):
+                module.train(training)
+                for shape in _PROBE_SHAPES:
+                    inputs = [torch.randn(shape, generator=generator) for _ in range(2)]
+                    factors = []
+                    for x in inputs:
+                        torch.manual_seed(1)
+                        try:
+                            y = module(x)
+                        except Exception:  # noqa: BLE001 - a shape it does not take: try another
+                            break
+                        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+                            break  # (a per-sample factor shaped for feature maps broadcasts other ranks wrongly)
+                        flat_x, flat_y = x.reshape(shape[0], -1), y.reshape(shape[0], -1)
+                        factor = (flat_x * flat_y).sum(1) / flat_x.pow(2).sum(1)
+                        if not torch.allclose(flat_y, factor[:, None] * flat_x, rtol=1e-5, atol=1e-6):
+                            return False
+                        factors.append(factor)
+                    else:
+                        if not torch.allclose(factors[0], factors[1], rtol=1e-5, atol=1e-6):
+                            return False
+                        ran = True
+    finally:
+        module.train(was_training)
+    return ran
 
 
 def elementwise_op(gm: fx.GraphModule, node: fx.Node) -> ElementwiseOp | None:
