@@ -4,7 +4,8 @@ Suites: overhead (growth cost per step relative to a training epoch), mnist-mlp 
 MLP experiment: TINY vs random vs GradMax growth, retrained and large fixed baselines), mnist1d
 (MLP and CNN on MNIST-1D), peer (growc vs gromo), cifar10-resnet (a small ResNet grown from 1/8 width),
 solve (the cost of the TINY solve at conv widths and of measuring whole models), time-to-accuracy
-(MNIST: how soon a growth run reaches 97.5% against a [1000, 1000] MLP).
+(MNIST: how soon a growth run reaches 97.5% against a [1000, 1000] MLP), coverage (how much of
+torchvision-shaped classifiers grows, exactly, with ONNX parity).
 Each suite writes SUITE.md, SUITE.json and SUITE.png (SUITE-quick.* with --quick) into --out and
 prints the table.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cifar10_resnet, mnist1d, mnist_mlp, overhead, peer, solve, time_to_accuracy
+from benchmarks import cifar10_resnet, coverage, mnist1d, mnist_mlp, overhead, peer, solve, time_to_accuracy
 from benchmarks.common import DEFAULT_DATA_DIR, DEFAULT_OUT, MissingData
 
 SUITES = {
@@ -33,6 +34,7 @@ SUITES = {
         time_to_accuracy,
         "MNIST: wall time for a growth run and a fixed [1000, 1000] MLP to reach 97.5% test accuracy",
     ),
+    "coverage": (coverage, "torchvision-shaped classifiers: share of layers grown, exact at amplitude 0, ONNX parity"),
     "solve": (solve, "TINY site solve at conv widths (Cholesky vs eigh), measuring ResNet-18/MobileNet-v2 vs an epoch"),
 }
 
