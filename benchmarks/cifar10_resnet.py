@@ -10,6 +10,8 @@ Methods, same data, seed, batch size and Adam learning rate:
 - grown (width): widths / 8, all blocks, `growc.grow` (depth off);
 - grown (width + depth): widths / 8, `--depth-start-blocks` blocks per stage (default none), with
   `GrowthConfig(depth=True)`: growc may insert residual blocks `x + omega(act(alpha(x)))`;
+- the grown architecture (the growth run's final model, re-initialized) trained from scratch
+  for the growth run's number of epochs, Adam with a cosine decay (`--no-scratch`: left out);
 - full width, same wall time as each growth run (its whole wall time, evaluations included):
   Adam with a cosine decay to 0 over that wall time, stopped when it is used up.
 growc grows whatever sites it finds; the report lists them. Since coupled growth (commit 7abc1ff)
@@ -43,7 +45,7 @@ from benchmarks.common import (
     subset,
     write_outputs,
 )
-from benchmarks.growth_runs import accuracy_plot, add_weight_decay_argument, grow_run, train_fixed
+from benchmarks.growth_runs import accuracy_plot, add_weight_decay_argument, from_scratch, grow_run, train_fixed
 from growc import GrowthConfig, candidates_of, trace
 from growc.data import cifar10
 from growc.graph.depth import find_depth_edges
@@ -180,9 +182,25 @@ def run(args: argparse.Namespace) -> int:
             seed=seed,
             device=args.device,
         )
-        record, _ = grow_run(label, model, train, val, config, start_widths=widths, start_blocks=blocks)
+        record, grown = grow_run(label, model, train, val, config, start_widths=widths, start_blocks=blocks)
         record.update(_what_grew(record))
         runs.append(record)
+        if not args.no_scratch:
+            runs.append(
+                train_fixed(
+                    f"architecture of '{label}' from scratch, same epochs",
+                    from_scratch(grown, seed),
+                    train,
+                    val,
+                    lr=args.lr,
+                    weight_decay=args.weight_decay,
+                    batch_size=s["batch_size"],
+                    device=args.device,
+                    seed=seed,
+                    epochs=record["epochs"],
+                    widths=record["widths"],
+                )
+            )
         torch.manual_seed(seed)
         runs.append(
             train_fixed(
@@ -233,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
             f"(width run: blocks {list(args.blocks)}; depth run: blocks {list(args.depth_start_blocks)}, depth on). "
             f"Growth: up to {s['steps']} steps, {s['epochs']} epoch(s) between, growth stopped after "
             f"{fmt(s['time_budget'], 0)} s, {s['final_epochs']} final epochs; Adam lr {args.lr}, batch "
-            f"{s['batch_size']}. Full width: Adam, cosine decay over the growth run's wall time.",
+            f"{s['batch_size']}. From scratch: the grown model re-initialized, the growth run's epochs, Adam "
+            "with a cosine decay. Full width: Adam, cosine decay over the growth run's wall time.",
             "",
             table.markdown(),
             "",
@@ -285,3 +304,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--final-epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--time-budget", type=float, default=None, help="seconds of growth before the final phase")
+    parser.add_argument(
+        "--no-scratch", action="store_true", help="leave out the grown architectures trained from scratch"
+    )
