@@ -407,6 +407,92 @@ class RegNetYBlock(nn.Module):
         return self.head(h.flatten(1))
 
 
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block as torchvision writes it: a patchify stem, a depthwise 7x7 conv, then
+    channels-last (permute) LayerNorm and a pointwise MLP of Linears, permuted back, a layer
+    scale, a residual stream. The MLP's hidden width grows; the stream reaches a LayerNorm
+    through a depthwise conv, which growth cannot keep exact, and says so."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, dim, 2, stride=2)
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), 0.5))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        h = self.pwconv2(F.gelu(self.pwconv1(h))).permute(0, 3, 1, 2)
+        x = x + self.layer_scale * h
+        return self.head(x.mean((2, 3)))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, channels, height, width = x.size()
+    x = x.view(batch, groups, channels // groups, height, width)
+    return torch.transpose(x, 1, 2).contiguous().view(batch, -1, height, width)
+
+
+class ShuffleUnit(nn.Module):
+    """A ShuffleNet v2 unit (stride 1): the channels split in two, one half through a 1x1 ->
+    depthwise 3x3 -> 1x1 branch, concatenated back with the other and shuffled. The branch's
+    inner width grows; the split and the shuffle rearrange the units, and growc says so."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        half = channels // 2
+        self.stem = nn.Conv2d(2, channels, 3, padding=1)
+        self.branch = nn.Sequential(
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+            nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False),
+            nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        kept, through = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat((kept, self.branch(through)), dim=1), 2)
+        return self.head(x.mean((2, 3)))
+
+
+class WindowAttention(nn.Module):
+    """A Swin-style block on a channels-last map: LayerNorm, attention within 2x2 windows
+    (partitioned and merged back with view / permute, heads split by reshape, SDPA), an MLP.
+    The MLP's hidden width grows; the windows and heads rearrange the stream's units."""
+
+    def __init__(self, dim: int = 6, heads: int = 2, window: int = 2) -> None:
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.embed = nn.Linear(2, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2), nn.Linear(2, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 2, H, W)
+        x = self.embed(x.permute(0, 2, 3, 1))
+        batch, height, width, dim = x.shape
+        w = self.window
+        windows = self.norm1(x).view(batch, height // w, w, width // w, w, dim)
+        windows = windows.permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, dim)
+        qkv = self.qkv(windows).reshape(windows.shape[0], w * w, 3, self.heads, dim // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, w * w, dim)
+        merged = self.proj(attended).view(batch, height // w, width // w, w, w, dim)
+        x = x + merged.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, dim)
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(x.mean((1, 2)))
+
+
 def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shapes = {
@@ -435,6 +521,9 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         DenseNetBlocks: [(2, 8, 8)],
         ResNeXtBlock: [(2, 8, 8)],
         RegNetYBlock: [(2, 8, 8)],
+        ConvNeXtBlock: [(2, 8, 8)],
+        ShuffleUnit: [(2, 8, 8)],
+        WindowAttention: [(2, 8, 8)],
     }[type(model)]
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
@@ -533,4 +622,7 @@ ZOO = [
     PreNormTransformer,
     ResNeXtBlock,
     RegNetYBlock,
+    ConvNeXtBlock,
+    ShuffleUnit,
+    WindowAttention,
 ]

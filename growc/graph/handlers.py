@@ -708,10 +708,17 @@ def unhandled_reason(module: nn.Module | None) -> str | None:
             f"the {type(module).__name__} computes its weight (a parametrization such as weight_norm) or "
             "replaces its layer's forward: growc does not widen it"
         )
-    return (
-        "convs padded other than with zeros, or with padding given as a string, are not grown; a depthwise "
-        "conv grows with the layer feeding it"
-    )
+    if is_depthwise(module):
+        return (
+            "a depthwise conv grows with the layer feeding it, and no site holds that layer's units here "
+            "(see the reason given for it)"
+        )
+    if module.in_channels == module.out_channels == module.groups:
+        return (
+            "a depthwise conv carries new channels only with an odd kernel and zero padding that keeps the "
+            "map's size (its centre tap passes each channel through)"
+        )
+    return "convs padded other than with zeros, or with padding given as a string, are not grown"
 
 
 def layer_multiply_adds(module: nn.Module, output: Tensor) -> int:
