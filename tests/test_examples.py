@@ -94,7 +94,7 @@ def test_resnext_example_grows_every_channel_group_alike(tmp_path):
     grouped = {s.name for s in find_width_sites(trace(user.model)).sites if s.groups == 4}
     assert grouped == {"block1.reduce", "block1.grouped", "block2.reduce", "block2.grouped"}
     args = ["grow", str(ROOT / "examples" / "digits_resnext.py"), "--out", str(tmp_path), "--quiet"]
-    result = CliRunner().invoke(app, [*args, "--steps", "3", "--final-epochs", "1"])
+    result = CliRunner().invoke(app, [*args, "--steps", "2", "--final-epochs", "1"])
     assert result.exit_code == 0, result.output
     final = json.loads((tmp_path / "report.json").read_text())["final"]
     assert final["onnx_max_abs_diff"] <= 1e-4

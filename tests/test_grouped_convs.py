@@ -9,7 +9,7 @@ from torch import nn
 
 from growc.graph.candidates import find_width_sites
 from growc.graph.handlers import grouped_positions, handler_for
-from growc.graph.rewrite import SiteGrowth
+from growc.graph.rewrite import NewUnits, SiteGrowth
 from growc.graph.trace import trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
@@ -144,3 +144,64 @@ def test_units_in_two_groupings_are_refused_with_the_reason():
     report = find_width_sites(trace(model))
     skipped = dict(report.skipped)
     assert "0" in skipped and "2 and 4 channel groups" in skipped["0"]
+
+
+def test_optimizer_state_follows_every_group_and_comes_back_on_undo():
+    """A grouped producer grows one unit per group: its BatchNorm's and its weight's Adam moments
+    keep their channels, now spread over the groups, the dense reader's columns move with their
+    channels, and undoing restores the state exactly."""
+    from growc.graph.rewrite import carry_optimizer_state, uncarry_optimizer_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 3, 1),
+    )
+    x = torch.randn(5, 2, 6, 6)
+    site = next(s for s in find_width_sites(trace(model)).sites if s.producer == "2")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(x).square().mean().backward()
+    optimizer.step()
+    reader, norm = model[5], model[3]
+    reader_moments = optimizer.state[reader.weight]["exp_avg"].clone()  # (3, 6, 1, 1): groups [0:3], [3:6]
+    norm_moments = optimizer.state[norm.weight]["exp_avg"].clone()
+    units = NewUnits(rows=torch.randn(2, 36), bias=None, omega=torch.randn(3, 2), omega_rows=[3])
+    growth = SiteGrowth(model, site, units)
+    growth.set_amplitude(1.0)
+    carry_optimizer_state([optimizer], growth.parameter_swaps)
+    assert model[2].weight.shape == (8, 2, 3, 3) and model[2].groups == 2 and reader.weight.shape[1] == 8
+    old = torch.tensor([0, 1, 2, 4, 5, 6])  # each group's new channel at its end: positions 3 and 7
+    torch.testing.assert_close(optimizer.state[reader.weight]["exp_avg"][:, old], reader_moments)
+    torch.testing.assert_close(optimizer.state[norm.weight]["exp_avg"][old], norm_moments)
+    assert not optimizer.state[norm.weight]["exp_avg"][[3, 7]].any()
+    torch.testing.assert_close(reader.weight[:, [3, 7], 0, 0], units.omega)  # unit 0 in group 0, unit 1 in group 1
+    # Each new output reads its own group's inputs: unit 1 (group 1) takes rows' channels 2-3.
+    torch.testing.assert_close(model[2].weight[7], units.rows[1].reshape(4, 3, 3)[2:])
+    uncarry_optimizer_state([optimizer], growth.parameter_swaps)
+    growth.undo()
+    assert model[2].weight.shape == (6, 2, 3, 3) and reader.weight.shape[1] == 6
+    torch.testing.assert_close(optimizer.state[reader.weight]["exp_avg"], reader_moments)
+
+
+def test_the_significance_count_is_whole_levels():
+    """Neurons of a grouped site are counted a level (one per group) at a time: a clear
+    bottleneck in one group's outputs gives a count that is a multiple of the groups."""
+    from growc.tiny.significance import significant_neuron_count
+
+    model = _model()
+    x, y = _data(600)
+    site = next(s for s in find_width_sites(trace(model)).sites if s.producer == "0")
+    collector = StatisticsCollector(model, [site], folds=4)
+    with collector:
+        for i in range(0, 600, 100):
+            model.zero_grad()
+            F.cross_entropy(model(x[i : i + 100]), y[i : i + 100]).backward()
+            collector.accumulate(100)
+    a = assess_sites(model, [site], collector.accumulators, GrowthConfig())[0]
+    result = significant_neuron_count(collector.accumulators[site.name], 6, 2.0, a.mode, None, a.groups)
+    assert result.significant > 0 and result.significant % 2 == 0
+    assert a.significant % 2 == 0 and a.solution.neurons.count % 2 == 0
