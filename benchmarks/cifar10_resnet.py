@@ -28,6 +28,7 @@ validation stop reads them (see benchmarks/README.md: no recorded run stopped on
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any
 
 import torch
@@ -185,39 +186,24 @@ def run(args: argparse.Namespace) -> int:
         record, grown = grow_run(label, model, train, val, config, start_widths=widths, start_blocks=blocks)
         record.update(_what_grew(record))
         runs.append(record)
-        if not args.no_scratch:
-            runs.append(
-                train_fixed(
-                    f"architecture of '{label}' from scratch, same epochs",
-                    from_scratch(grown, seed),
-                    train,
-                    val,
-                    lr=args.lr,
-                    weight_decay=args.weight_decay,
-                    batch_size=s["batch_size"],
-                    device=args.device,
-                    seed=seed,
-                    epochs=record["epochs"],
-                    widths=record["widths"],
-                )
-            )
-        torch.manual_seed(seed)
-        runs.append(
-            train_fixed(
-                f"full width, wall time of '{label}'",
-                SmallResNet(full, list(args.blocks)),
-                train,
-                val,
-                lr=args.lr,
-                weight_decay=args.weight_decay,
-                batch_size=s["batch_size"],
-                device=args.device,
-                seed=seed,
-                seconds=record["seconds"],
-                widths=full,
-                blocks=list(args.blocks),
-            )
+        fixed = functools.partial(
+            train_fixed,
+            train=train,
+            val=val,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            batch_size=s["batch_size"],
+            device=args.device,
+            seed=seed,
         )
+        if not args.no_scratch:
+            scratch = from_scratch(grown, seed)
+            label_scratch = f"architecture of '{label}' from scratch, same epochs"
+            runs.append(fixed(label_scratch, scratch, epochs=record["epochs"], widths=record["widths"]))
+        torch.manual_seed(seed)
+        full_model = SmallResNet(full, list(args.blocks))
+        label_full = f"full width, wall time of '{label}'"
+        runs.append(fixed(label_full, full_model, seconds=record["seconds"], widths=full, blocks=list(args.blocks)))
 
     info = machine(args.device)
     table = Table(["method", "test acc (%)", "params", "MACs/sample", "epochs", "wall time (s)", "what grew"])
