@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from growc.graph.candidates import find_width_sites
-from growc.graph.rewrite import SiteGrowth
+from growc.graph.rewrite import NewUnits, SiteGrowth
 from growc.graph.trace import trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
@@ -276,3 +276,43 @@ def test_mean_patch_equals_the_mean_of_unfolded_patches():
     conv = nn.Conv2d(3, 4, (3, 2), stride=2, padding=1, dilation=(1, 2))
     x = torch.randn(2, 3, 9, 8)
     torch.testing.assert_close(mean_patch(conv, x), Conv2dHandler().patches(conv, x).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_padding_given_as_a_string_grows_like_its_numbers():
+    """padding="same" (odd kernels, dilated too) and "valid" are the numbers they stand for:
+    the convs compute the same, their sites grow exactly; an even kernel's "same", which pads
+    one side more, is left intact with the reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding="same"),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 3, padding="same", dilation=2),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding="valid"),
+        nn.Tanh(),
+        nn.Conv2d(4, 2, 2, padding="same"),
+        nn.Flatten(),
+        nn.Linear(72, 3),
+    ).double()
+    x, _ = _images(n=5)
+    before = model(x)
+    report = find_width_sites(trace(model))
+    assert model[0].padding == (1, 1) and model[2].padding == (2, 2) and model[4].padding == (0, 0)
+    assert model[6].padding == "same"
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert {s.producer for s in report.sites} == {"0", "2"}
+    assert "even kernel" in dict(report.skipped)["6"]
+    with torch.no_grad():
+        for site in report.sites:
+            producer = model.get_submodule(site.producer)
+            flat = producer.in_channels * 9
+            rows = [model.get_submodule(c).weight.shape[0] for c in site.consumers]
+            units = NewUnits(
+                torch.randn(2, flat, dtype=x.dtype),
+                torch.randn(2, dtype=x.dtype),
+                torch.randn(sum(rows), 2, dtype=x.dtype),
+                rows,
+            )
+            SiteGrowth(model, site, units).set_amplitude(0.0)
+        torch.testing.assert_close(model(x), before)

@@ -718,7 +718,10 @@ def unhandled_reason(module: nn.Module | None) -> str | None:
             "a depthwise conv carries new channels only with an odd kernel and zero padding that keeps the "
             "map's size (its centre tap passes each channel through)"
         )
-    return "convs padded other than with zeros, or with padding given as a string, are not grown"
+    return (
+        "convs padded other than with zeros, or with an even kernel's padding='same' (one side more than the "
+        "other), are not grown"
+    )
 
 
 def layer_multiply_adds(module: nn.Module, output: Tensor) -> int:

@@ -54,14 +54,31 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
+def _numeric_padding(model: nn.Module) -> None:
+    """`padding="same"` / `"valid"` on a zero-padded Conv2d, written as the numbers it stands for
+    where they are symmetric (odd kernels): the conv computes exactly what it did, and growth,
+    whose samples are unfolded patches, reads the numbers. An even kernel's "same" pads one side
+    more than the other and is left as it is (growc then leaves that conv intact, with the reason)."""
+    for module in model.modules():
+        if not isinstance(module, nn.Conv2d) or not isinstance(module.padding, str) or module.padding_mode != "zeros":
+            continue
+        if module.padding == "valid":
+            module.padding = (0, 0)
+        elif all(k % 2 == 1 for k in module.kernel_size):
+            module.padding = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+
+
 def trace(
     model: nn.Module,
     leaf_modules: Iterable[str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
     """Symbolically trace `model`, faithful to it in training and in eval mode (see
-    `graph/modes.py`); raise a TraceError that names the user's line on failure."""
+    `graph/modes.py`); raise a TraceError that names the user's line on failure. Convs with
+    `padding="same"` or `"valid"` get the numbers instead, where that computes the same
+    (`_numeric_padding`)."""
     tracer = GrowcTracer(leaf_modules)
+    _numeric_padding(model)
 
     def trace_with_leaves(leaves: set[str]) -> fx.Graph:
         nonlocal tracer
