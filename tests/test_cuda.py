@@ -54,9 +54,9 @@ def test_growth_runs_on_gpu(strategy):
     assert result.report.final["final_val_accuracy"] > 0.85
 
 
-@pytest.mark.parametrize("name", ["ResBlock", "Inception", "MobileBlock", "LayerScale"])
+@pytest.mark.parametrize("name", ["ResBlock", "Inception", "MobileBlock", "LayerScale", "ResNeXtBlock", "RegNetYBlock"])
 def test_coupled_growth_on_gpu(name):
-    """Residual streams, concatenations, depthwise carriers and broadcast tensors grow on the GPU
+    """Residual streams, concatenations, depthwise carriers, broadcast tensors and channel groups grow on the GPU
     (depth on), and the grown graph matches the user's module there."""
     import zoo
 
