@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from growc.tiny.solver import BestUpdate, Neurons, Whitening, best_neurons, best_update
+from growc.tiny.solver import BestUpdate, Neurons, Whitening, best_neurons, best_update, whitening
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,17 @@ def grouped_best_neurons(
     (None: computed here)."""
     levels = None if max_neurons is None else groups.levels(max_neurons)
     d, out = s_prev.shape[0], n.shape[1]
+    dense = groups.prev_coords is None  # every group reads all of b': one S', one whitening
+    common = (whiten(0) or whitening(s_prev)) if dense else None
     solved = []
     for i in range(groups.count):
-        coords = torch.arange(d) if groups.prev_coords is None else groups.prev_coords[i]
         rows = groups.consumer_rows(i, sizes)
-        part = best_neurons(_block(s_prev, coords, coords), _block(n, coords, rows), levels, whiten(i))
+        if dense:
+            coords = torch.arange(d)
+            part = best_neurons(s_prev, n[:, rows.to(n.device)], levels, common)
+        else:
+            coords = groups.prev_coords[i]
+            part = best_neurons(_block(s_prev, coords, coords), _block(n, coords, rows), levels, whiten(i))
         solved.append((coords, rows, part))
     count = min(part.count for _, _, part in solved)
     alpha = torch.zeros(d, count * groups.count, dtype=torch.float64, device=n.device)
