@@ -162,8 +162,7 @@ class WidthSite:
         per row: its new inputs are appended. Read before the site grows."""
         if self.groups == 1:
             return self.insertion_index(root, name)
-        module = root.get_submodule(name) if name in self.layers else None
-        if name in self.readers and isinstance(handler_for(module), GroupedConv2dHandler):
+        if name in self.readers and isinstance(handler_for(root.get_submodule(name)), GroupedConv2dHandler):
             return None
         return grouped_positions(self.width(root), self.groups, count)
 
