@@ -233,20 +233,23 @@ POOLS = [
 ]
 
 
+# (producer's input channels, the site's width): maps of 8 channels or more take another gather.
+@pytest.mark.parametrize("channels", [(2, 3), (9, 10)], ids=str)
 @pytest.mark.parametrize("size", [9, 10])
 @pytest.mark.parametrize("pool", POOLS, ids=repr)
-def test_sampled_rows_equal_the_full_rows_at_the_same_positions(pool, size):
-    from growc.graph.samples import producer_rows, sampled_conv_rows
+def test_sampled_rows_equal_the_full_rows_at_the_same_positions(pool, size, channels):
+    from growc.graph.samples import consumer_rows, producer_rows, sampled_conv_rows
 
     torch.manual_seed(4)
+    c_in, width = channels
     layers = (
-        [nn.Conv2d(2, 3, 3, padding=1), nn.ReLU()]
+        [nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU()]
         + ([pool] if pool else [])
-        + [nn.Conv2d(3, 4, 3, padding=1), nn.Flatten()]
+        + [nn.Conv2d(width, 4, 3, padding=1), nn.Flatten()]
     )
     model = nn.Sequential(*layers)
     site = find_width_sites(trace(model)).sites[0]
-    x = torch.randn(5, 2, size, size)
+    x = torch.randn(5, c_in, size, size)
     hidden = model[:-2](x)
     grad = torch.randn_like(model[-2](hidden))
     consumer = str(len(layers) - 2)
@@ -258,6 +261,10 @@ def test_sampled_rows_equal_the_full_rows_at_the_same_positions(pool, size):
     full = producer_rows(site, model, x)
     assert full.shape[0] == 5 * (positions + 1)  # one row per consumer output: the pooled map's true size
     torch.testing.assert_close(b_prev, full.view(5, positions + 1, -1)[:, chosen].reshape(-1, full.shape[1]))
+    ((b, g),) = pairs
+    full_b, full_g = consumer_rows(model, consumer, hidden, grad, 5)
+    for sampled, whole in ((b, full_b), (g, full_g)):
+        torch.testing.assert_close(sampled, whole.view(5, positions + 1, -1)[:, chosen].reshape(-1, whole.shape[1]))
     assert samples == pytest.approx(5 * positions / (positions + 1))
 
 

@@ -185,3 +185,20 @@ def test_a_line_search_does_not_evaluate_what_it_already_knows():
     assert best == 0.25 and loss == pytest.approx(0.0025) and losses[0.0] == 0.05
     best, loss, _ = line_search(loss_at, (0.0, 0.25), known={0.0: 0.0})
     assert best == 0.0 and loss == 0.0 and asked[-1] == 0.25
+
+
+def test_the_line_search_loss_taken_in_chunks_is_the_whole_batch_loss():
+    """Chunks of the loader's batch size (the last one shorter) give the loss of the whole batch,
+    and leave the model in the mode it was in."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5)
+    )
+    model.train()
+    x, y = torch.randn(50, 3, 6, 6), torch.randint(0, 5, (50,))
+    whole = LineSearchBatch([x], y, F.cross_entropy).loss(model)
+    batches = [([x[i : i + 16]], y[i : i + 16]) for i in range(0, 50, 16)]
+    chunked = LineSearchBatch.from_batches(batches, 50, F.cross_entropy)
+    assert chunked.chunk == 16
+    assert chunked.loss(model) == pytest.approx(whole, rel=1e-6)
+    assert model.training

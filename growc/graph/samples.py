@@ -123,12 +123,22 @@ def patches_at(x: Tensor, kernel, stride, padding, dilation, rows: Tensor, cols:
     # in the zero padding read a clamped position and are zeroed, so the map is never copied.
     flat = (r.clamp(0, height - 1) * width + c.clamp(0, width - 1)).reshape(-1)  # (P * kh * kw,)
     batch, channels = x.shape[:2]
+    positions, taps = rows.shape[0], kh * kw
+    inside = ((r >= 0) & (r < height) & (c >= 0) & (c < width)).reshape(-1) if ph or pw else None
+    if channels >= 8:
+        # Wide maps: gather whole (sample, channel) slabs from the position-major map, about 1.5x
+        # faster than indexing the last axis of (B, C, H * W) once C is 8 or more (3 channels: slower).
+        by_position = x.reshape(batch, channels, height * width).permute(2, 0, 1).reshape(height * width, -1)
+        patches = by_position.index_select(0, flat)  # (P * kh * kw, B * C)
+        if inside is not None:
+            patches = patches * inside[:, None].to(patches.dtype)
+        patches = patches.reshape(positions, taps, batch, channels).permute(2, 0, 3, 1)
+        return patches.reshape(-1, channels * taps)
     patches = x.reshape(batch, channels, height * width)[:, :, flat]  # (B, C, P * kh * kw)
-    if ph or pw:
-        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)  # (P, kh, kw)
-        patches = patches * inside.reshape(-1).to(patches.dtype)
-    patches = patches.reshape(batch, channels, rows.shape[0], kh * kw)
-    return patches.permute(0, 2, 1, 3).reshape(-1, channels * kh * kw)
+    if inside is not None:
+        patches = patches * inside.to(patches.dtype)
+    patches = patches.reshape(batch, channels, positions, taps)
+    return patches.permute(0, 2, 1, 3).reshape(-1, channels * taps)
 
 
 def _geometry(layer: nn.Conv2d) -> tuple:
@@ -189,21 +199,27 @@ def sampled_conv_rows(
     r_rows = q_rows * consumer.stride[0] - consumer.padding[0] + consumer.dilation[0] * taps[0]
     r_cols = q_cols * consumer.stride[1] - consumer.padding[1] + consumer.dilation[1] * taps[1]
     read = (r_rows >= 0) & (r_rows < read_h) & (r_cols >= 0) & (r_cols < read_w)
-    batch = x_prev.shape[0]
-    b_prev, counted = 0.0, 0.0
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            p_rows = r_rows * stride[0] - padding[0] + i
-            p_cols = r_cols * stride[1] - padding[1] + j
-            valid = read & (p_rows >= 0) & (p_rows < p_height) & (p_cols >= 0) & (p_cols < p_width)
-            # avg_pool2d's divisor: the window within the padded map (with count_include_pad),
-            # else the window's positions inside the map.
-            in_padded = (p_rows < p_height + padding[0]) & (p_cols < p_width + padding[1])
-            counted = counted + (in_padded if count_include_pad else valid).to(x_prev.dtype)
-            at = patches_at(x_prev, *_geometry(producer), p_rows.clamp(0, p_height - 1), p_cols.clamp(0, p_width - 1))
-            b_prev = b_prev + at * valid.to(at.dtype).repeat(batch)[:, None]
+    batch, positions = x_prev.shape[0], q_rows.shape[0]
+    # Every window offset (i, j) of every sampled position, read in one gather: (taps, P) each.
+    offsets_h = torch.arange(kernel[0], device=q_rows.device).repeat_interleave(kernel[1])
+    offsets_w = torch.arange(kernel[1], device=q_rows.device).repeat(kernel[0])
+    p_rows = r_rows[None, :] * stride[0] - padding[0] + offsets_h[:, None]
+    p_cols = r_cols[None, :] * stride[1] - padding[1] + offsets_w[:, None]
+    valid = read & (p_rows >= 0) & (p_rows < p_height) & (p_cols >= 0) & (p_cols < p_width)
+    # avg_pool2d's divisor: the window within the padded map (with count_include_pad), else the
+    # window's positions inside the map.
+    in_padded = (p_rows < p_height + padding[0]) & (p_cols < p_width + padding[1])
+    counted = (in_padded if count_include_pad else valid).to(x_prev.dtype).sum(0)  # (P,)
+    at = patches_at(
+        x_prev,
+        *_geometry(producer),
+        p_rows.clamp(0, p_height - 1).reshape(-1),
+        p_cols.clamp(0, p_width - 1).reshape(-1),
+    ).reshape(batch, *valid.shape, -1)  # (B, taps, P, in')
+    weights = valid.to(at.dtype) / counted.clamp_min(1.0)  # (taps, P)
+    b_prev = (at * weights[None, :, :, None]).sum(1).reshape(batch * positions, -1)
     mask = read.to(x_prev.dtype).repeat(batch)[:, None]
-    b_prev = with_ones(b_prev / counted.clamp_min(1.0).repeat(batch)[:, None], mask)
+    b_prev = with_ones(b_prev, mask)
     pairs = []
     for name, layer in zip(site.consumers, consumers):
         b = patches_at(inputs[name], *_geometry(layer), q_rows, q_cols)

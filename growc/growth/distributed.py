@@ -328,4 +328,4 @@ def reduced_line_search_batch(batch: LineSearchBatch) -> LineSearchBatch:
     """`batch` (this rank's search samples) with its loss averaged over all ranks' samples."""
     if not active():
         return batch
-    return ReducedLineSearchBatch(batch.inputs, batch.target, batch.loss_fn)
+    return ReducedLineSearchBatch(batch.inputs, batch.target, batch.loss_fn, batch.chunk)

@@ -36,7 +36,7 @@ from growc.growth.step import (
     grow_allocated,
     not_allocated_records,
 )
-from growc.growth.train import LossFn, evaluate, first_samples, make_optimizer
+from growc.growth.train import LossFn, evaluate, first_batches, make_optimizer
 from growc.tiny.strategies import make_strategy
 
 
@@ -48,7 +48,8 @@ class GrowthResult:
 
 
 def _line_search_batch(loader: Iterable, samples: int, device: torch.device, loss_fn: LossFn) -> LineSearchBatch:
-    return LineSearchBatch(*first_samples(loader, samples, device, what="the training data"), loss_fn)
+    batches = first_batches(loader, samples, device, what="the training data")
+    return LineSearchBatch.from_batches(batches, samples, loss_fn)
 
 
 def widths(model: nn.Module, sites: list) -> dict[str, int]:

@@ -265,9 +265,23 @@ class LineSearchBatch:
     inputs: list[Tensor]
     target: Tensor
     loss_fn: LossFn
+    #: Samples per forward pass (None: all at once); the loss is the sample-weighted mean of the
+    #: chunks' losses, which for a mean-reduced loss is the loss of the whole batch. A conv net's
+    #: forward at its training batch size is far cheaper per sample than one of all 512 samples
+    #: (measured on CIFAR's 16-32-64 CNN: 84 ms against 129 ms), its feature maps staying in cache.
+    chunk: int | None = None
 
     def loss(self, model: nn.Module) -> float:
-        return batch_loss(model, self.inputs, self.target, self.loss_fn)
+        count = self.target.shape[0]
+        chunk = self.chunk or count
+        if chunk >= count:
+            return batch_loss(model, self.inputs, self.target, self.loss_fn)
+        total = 0.0
+        for start in range(0, count, chunk):
+            part = slice(start, start + chunk)
+            size = self.target[part].shape[0]
+            total += batch_loss(model, [x[part] for x in self.inputs], self.target[part], self.loss_fn) * size
+        return total / count
 
     @torch.no_grad()
     def run_eval(self, model: nn.Module) -> None:
@@ -277,8 +291,9 @@ class LineSearchBatch:
 
     @classmethod
     def from_batches(cls, batches: list[tuple[list[Tensor], Tensor]], samples: int, loss_fn: LossFn) -> LineSearchBatch:
-        """The first `samples` samples of (inputs, target) batches, joined."""
-        return cls(*join_batches(batches, samples), loss_fn)
+        """The first `samples` samples of (inputs, target) batches, joined; the loss is taken
+        chunk by chunk at the first batch's size (the loader's batch size)."""
+        return cls(*join_batches(batches, samples), loss_fn, chunk=batches[0][1].shape[0])
 
 
 @dataclass

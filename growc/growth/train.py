@@ -43,6 +43,14 @@ def first_samples(
 ) -> tuple[list[Tensor], Tensor]:
     """The first `limit` samples of a loader of (*inputs, target) batches (all, if it has fewer),
     on `device` (None: where the loader puts them)."""
+    return join_batches(first_batches(loader, limit, device, what), limit)
+
+
+def first_batches(
+    loader: Iterable, limit: int, device: torch.device | None = None, what: str = "the data"
+) -> list[tuple[list[Tensor], Tensor]]:
+    """A loader's first batches, as (inputs, target), up to `limit` samples in all (or more: the
+    last batch is whole)."""
     parts: list[tuple[list[Tensor], Tensor]] = []
     count = 0
     for batch in loader:
@@ -53,7 +61,7 @@ def first_samples(
             break
     if not parts:
         raise GrowcError(f"{what} is empty: give at least one batch of samples")
-    return join_batches(parts, limit)
+    return parts
 
 
 OPTIMIZERS = ("adam", "sgd")
