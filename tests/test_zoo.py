@@ -70,10 +70,10 @@ def _random_units(graph, site, k=2, generator=None):
 
 
 @pytest.mark.parametrize("cls", ZOO, ids=lambda c: c.__name__)
-def test_zoo_model_candidates_exact_growth_and_export(cls, tmp_path):
+def test_zoo_model_candidates_and_exact_growth(cls):
     """The graph computes the user's model in train and in eval mode, before and after every
     site grows random units (with trained-looking norm statistics); at amplitude 0 nothing
-    changes in either mode; every layer is in a site or has its reason; ONNX has parity."""
+    changes in either mode; every layer is in a site or has its reason."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     model = cls()
@@ -110,20 +110,25 @@ def test_zoo_model_candidates_exact_growth_and_export(cls, tmp_path):
         _assert_same(model(*x), grown, "user's module after growth at amplitude 0.3")
     if growths:
         assert not torch.allclose(grown, before[False])
-    result = export_onnx(graph, x, tmp_path / "model.onnx", check_inputs=inputs_for(model, batch=5))
-    assert result.parity.within(1e-5)
+    # ONNX parity of the width-grown graph is checked below, with blocks inserted as well: one
+    # export per model covers both (an export is most of these tests' time).
 
 
 @pytest.mark.parametrize("cls", ZOO, ids=lambda c: c.__name__)
 def test_zoo_model_every_block_insertion_is_exact_at_zero_and_exports(cls, tmp_path):
-    """A residual block on every depth edge at once: nothing changes at amplitude 0, the
-    output moves at amplitude 1, and the deeper graph still exports with parity."""
+    """Every width site grown (random units, amplitude 0.3), then a residual block on every
+    depth edge at once: nothing changes at amplitude 0, the output moves at amplitude 1, and the
+    wider and deeper graph exports with parity."""
     from growc.graph.depth import DepthGrowth
 
     torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     model = cls().eval()
     x = inputs_for(model)
     graph = trace(model)
+    with torch.no_grad():
+        for site in find_width_sites(graph).sites:
+            SiteGrowth(graph, site, _random_units(graph, site, generator=g)).set_amplitude(0.3)
     edges = find_depth_edges(graph)
     assert edges, "every zoo model has an edge where a block fits"
     with torch.no_grad():
@@ -132,7 +137,8 @@ def test_zoo_model_every_block_insertion_is_exact_at_zero_and_exports(cls, tmp_p
         for edge in edges:
             d = edge.channels(graph)
             taps = 9 if edge.conv else 1
-            block = DepthGrowth(graph, edge, torch.randn(3, d * taps), torch.randn(3), torch.randn(d, 3))
+            # A bias of 3 or more keeps the block's ReLUs alive on the few test inputs.
+            block = DepthGrowth(graph, edge, torch.randn(3, d * taps), torch.randn(3).abs() + 3, torch.randn(d, 3))
             block.set_amplitude(0.0)
             blocks.append(block)
         torch.testing.assert_close(graph(*x), before, rtol=1e-5, atol=1e-6)
