@@ -32,7 +32,7 @@ dynamic exported_models/digits_resnext/model.safetensors --data examples/digits_
 
 MNIST="${MNIST:-../shared/data/mnist.npz}"
 if [[ -f "$MNIST" ]]; then
-    growc grow examples/mnist_mlp.py --out exported_models/mnist_mlp --data "mnist:$MNIST" --batch-size 128 --final-epochs 10 --quiet
+    growc grow examples/mnist_mlp.py --out exported_models/mnist_mlp --data "mnist:$MNIST" --batch-size 128 --final-epochs 10 --max-params 100000 --quiet
     growc export exported_models/mnist_mlp/model.safetensors --int8 static --data "mnist:$MNIST"
     dynamic exported_models/mnist_mlp/model.safetensors --data "mnist:$MNIST"
     # mnist_cnn.py's data() reads the file named by MNIST_NPZ
