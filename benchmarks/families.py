@@ -347,3 +347,74 @@ FAMILIES = {
     "mobilenet_v3_small": MobileNetV3Small,
     "densenet121": DenseNet,
 }
+
+
+class ViTMLP(nn.Sequential):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0))
+
+
+class EncoderBlock(nn.Module):
+    """torchvision's ViT block: pre-norm nn.MultiheadAttention and MLP, each added to the stream."""
+
+    def __init__(self, heads: int, dim: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
+        self.dropout = nn.Dropout(0.0)
+        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ViTMLP(dim, mlp_dim)
+
+    def forward(self, input):
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = self.dropout(x)
+        x = x + input
+        y = self.ln_2(x)
+        y = self.mlp(y)
+        return x + y
+
+
+class Encoder(nn.Module):
+    def __init__(self, tokens: int, layers: int, heads: int, dim: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, dim).normal_(std=0.02))
+        self.dropout = nn.Dropout(0.0)
+        self.layers = nn.Sequential(
+            OrderedDict((f"encoder_layer_{i}", EncoderBlock(heads, dim, mlp_dim)) for i in range(layers))
+        )
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, input):
+        return self.ln(self.layers(self.dropout(input + self.pos_embedding)))
+
+
+class VisionTransformer(nn.Module):
+    """vit_b_16's structure (patch embedding by a strided conv, reshape + permute to tokens, a
+    class token concatenated along the tokens, position embedding, pre-norm blocks, the class
+    token's output read by the head), at any size."""
+
+    def __init__(self, image_size=64, patch_size=16, layers=12, heads=12, dim=768, mlp_dim=3072) -> None:
+        super().__init__()
+        self.image_size, self.patch_size, self.hidden_dim = image_size, patch_size, dim
+        self.conv_proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        tokens = (image_size // patch_size) ** 2 + 1
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.encoder = Encoder(tokens, layers, heads, dim, mlp_dim)
+        self.heads = nn.Sequential(OrderedDict(head=nn.Linear(dim, 10)))
+
+    def _process_input(self, x):
+        n, c, h, w = x.shape
+        p = self.patch_size
+        n_h, n_w = h // p, w // p
+        x = self.conv_proj(x)
+        x = x.reshape(n, self.hidden_dim, n_h * n_w)
+        return x.permute(0, 2, 1)
+
+    def forward(self, x):
+        x = self._process_input(x)
+        n = x.shape[0]
+        batch_class_token = self.class_token.expand(n, -1, -1)
+        x = torch.cat([batch_class_token, x], dim=1)
+        x = self.encoder(x)
+        return self.heads(x[:, 0])

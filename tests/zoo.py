@@ -493,6 +493,34 @@ class WindowAttention(nn.Module):
         return self.head(x.mean((1, 2)))
 
 
+class PatchTransformer(nn.Module):
+    """A vision transformer as torchvision writes it: a strided conv's patches reshaped to tokens
+    with the width as a number (`self.dim`), a class token concatenated along the tokens, a
+    position embedding, a pre-norm block around nn.MultiheadAttention, the class token's output
+    read by the head."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.dim = dim
+        self.patches = nn.Conv2d(2, dim, kernel_size=4, stride=4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.position = nn.Parameter(torch.randn(1, 5, dim) * 0.5)
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Dropout(0.0), nn.Linear(16, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):  # (B, 2, 8, 8): 4 patches
+        n = x.shape[0]
+        h = self.patches(x).reshape(n, self.dim, -1).permute(0, 2, 1)
+        h = torch.cat([self.class_token.expand(n, -1, -1), h], dim=1) + self.position
+        a = self.norm1(h)
+        a, _ = self.attention(a, a, a, need_weights=False)
+        h = h + a
+        h = h + self.mlp(self.norm2(h))
+        return self.head(self.norm(h)[:, 0])
+
+
 def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shapes = {
@@ -524,6 +552,7 @@ def inputs_for(model: nn.Module, batch: int = 6) -> list[torch.Tensor]:
         ConvNeXtBlock: [(2, 8, 8)],
         ShuffleUnit: [(2, 8, 8)],
         WindowAttention: [(2, 8, 8)],
+        PatchTransformer: [(2, 8, 8)],
     }[type(model)]
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
@@ -625,4 +654,5 @@ ZOO = [
     ConvNeXtBlock,
     ShuffleUnit,
     WindowAttention,
+    PatchTransformer,
 ]

@@ -340,7 +340,12 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
     neurons reach (the others read the group upstream of the source, where the units are 0)."""
     values = trace_values(gm, group, source)
     conv = is_feature_map_layer(module_of(gm, source))
-    if any(is_feature_map_layer(module_of(gm, w)) != conv for w in group.writers):
+    if group.token_views and conv:
+        raise Ungrowable(
+            f"'{source.target}' writes a feature map that '{group.token_views[0].name}' lays out as tokens: its new "
+            "neurons are measured only in the layers that write the tokens"
+        )
+    if not group.token_views and any(is_feature_map_layer(module_of(gm, w)) != conv for w in group.writers):
         raise Ungrowable("an addition mixes the outputs of convolutions and linear layers")
     if conv and (mean := next((n for n in group.nodes if is_token_mean(n)), None)) is not None:
         raise Ungrowable(f"'{mean.name}' averages a feature map over dimensions that growc cannot follow")

@@ -31,6 +31,7 @@ from torch import fx, nn
 from growc.graph.elementwise import activation_name, elementwise_op, elementwise_slope
 from growc.graph.handlers import handler_for, is_batchnorm, is_depthwise, is_unit_norm, unhandled_reason
 from growc.graph.modes import is_mode_flag
+from growc.graph.tokens import is_token_cat, map_of_tokens, selected_token, token_parameter, tokens_of_map
 from growc.graph.trace import module_of
 
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -56,6 +57,10 @@ class Group:
     broadcasts: list[tuple[str, float]] = field(default_factory=list)
     broadcast_at: dict[str, fx.Node] = field(default_factory=dict)  # path -> the op that applies it
     gates: list[fx.Node] = field(default_factory=list)  # writers of factors multiplying the units (of `writers`)
+    # Feature maps laid out as tokens (`graph/tokens.py`): the swaps that make them (B, T, C),
+    # and the members known to hold tokens, units last.
+    token_views: list[fx.Node] = field(default_factory=list)
+    tokens: set[fx.Node] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,56 @@ class _Walk:
             self.todo.append(node)
 
     def _visit(self, node: fx.Node, user: fx.Node) -> None:
+        if self._visit_tokens(node, user):
+            return
+        self._visit_units(node, user)
+        if node in self.group.tokens and user in self.members:
+            self.group.tokens.add(user)
+
+    def _visit_tokens(self, node: fx.Node, user: fx.Node) -> bool:
+        """The token patterns of `graph/tokens.py`; False where `user` is none of them."""
+        views = tokens_of_map(node)
+        if views is not None and user is views[0]:  # a feature map laid out as tokens
+            flat, swap = views
+            self.members.add(flat)
+            self._add_member(swap)
+            self.group.tokens.add(swap)
+            self.group.token_views.append(swap)
+            return True
+        if node in self.group.tokens and is_token_cat(user):  # a class token joins the sequence
+            self._token_cat(user, arrived_from=node)
+            return True
+        if selected_token(user) is not None:
+            if node not in self.group.tokens:
+                raise Ungrowable(
+                    f"'{user.name}' indexes these units' tensor and growc cannot tell whether it selects a token "
+                    "or units"
+                )
+            self._add_member(user)  # one token of each sample: (B, D), units last
+            return True
+        return False
+
+    def _token_cat(self, cat: fx.Node, arrived_from: fx.Node | None = None) -> None:
+        """A concatenation along the tokens: every part writes the same units (a class token
+        Parameter grows with the units like a position term)."""
+        for part in cat.args[0] if cat.args else cat.kwargs.get("tensors", ()):
+            if part is arrived_from or part in self.members:
+                continue
+            parameter = token_parameter(part)
+            if parameter is not None:
+                if len(parameter.users) > 1:
+                    raise Ungrowable(
+                        f"the tensor '{parameter.target}' concatenated in '{cat.name}' is also used elsewhere"
+                    )
+                self.group.broadcasts.append((str(parameter.target), 0.0))
+                self.group.broadcast_at[str(parameter.target)] = cat
+            else:
+                self._pull_writer(part, cat, verb="concatenated with")
+                self.group.tokens.add(part)
+        self.group.tokens.add(cat)
+        self._add_member(cat)
+
+    def _visit_units(self, node: fx.Node, user: fx.Node) -> None:
         if user.op == "output":
             raise Ungrowable(f"'{node.name}' is a model output, whose size is fixed")
         if _is_size_of(user, node):
@@ -386,6 +441,16 @@ class _Walk:
                 if gate:
                     self.group.gates.append(node)
                 break
+            if map_of_tokens(node) is not None and not gate:  # tokens laid out from a feature map
+                self.members.add(node.args[0])
+                self._add_member(node)
+                self.group.tokens.add(node)
+                self.group.token_views.append(node)
+                node = map_of_tokens(node)
+                continue
+            if is_token_cat(node) and not gate and any(map_of_tokens(p) is not None for p in node.args[0]):
+                self._token_cat(node)
+                return
             if _is_add(node):  # a sum of several writers (and perhaps the stream itself)
                 self._add_member(node)
                 for other in _tensor_args(node):
@@ -521,6 +586,8 @@ def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Gro
         pools, stage = (*pools, ("adaptive", (1, 1))), "flat"
     elif is_token_mean(node):
         pools = (*pools, ("mean", _mean_dims(node)))  # its readers see one row per sample, not per token
+    elif selected_token(node) is not None:
+        pools = (*pools, ("select", 1, selected_token(node)[1]))  # one row per sample: that token's
     elif is_flatten(gm, node):
         stage = "flat"
     elif is_depthwise(module):

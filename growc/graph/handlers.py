@@ -121,6 +121,7 @@ def _grown_shape(value: Tensor, dim: int, count: int) -> list[int]:
 #: {attr: [(weakref to the user's module, its attribute name)]}. Swaps are mirrored there, so the
 #: user's module grows in place with the graph.
 MIRRORS = "_growc_mirrors"
+SIZE_MIRRORS = "_growc_size_mirrors"
 
 
 def owner_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -132,6 +133,19 @@ def owner_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 def add_mirror(module: nn.Module, attr: str, owner: nn.Module, owner_attr: str) -> None:
     mirrors = module.__dict__.setdefault(MIRRORS, {})
     mirrors.setdefault(attr, []).append((weakref.ref(owner), owner_attr))
+
+
+def add_size_mirror(layer: nn.Module, owner: nn.Module, owner_attr: str) -> None:
+    """`owner.owner_attr` (an int of the user's module, such as a ViT's `hidden_dim` that its
+    forward passes to `reshape`) follows `layer`'s output width whenever growth changes it."""
+    layer.__dict__.setdefault(SIZE_MIRRORS, []).append((weakref.ref(owner), owner_attr))
+
+
+def _sync_size_mirrors(layer: nn.Module, width: int) -> None:
+    for ref, attr in layer.__dict__.get(SIZE_MIRRORS, []):
+        owner = ref()
+        if owner is not None:
+            setattr(owner, attr, width)
 
 
 def _assign(module: nn.Module, attr: str, value: Tensor) -> None:
@@ -370,6 +384,7 @@ class Conv2dHandler(LayerHandler):
 
     def sync_sizes(self, layer: nn.Conv2d) -> None:
         layer.out_channels, layer.in_channels = layer.weight.shape[:2]
+        _sync_size_mirrors(layer, layer.out_channels)
 
 
 class GroupedConv2dHandler(Conv2dHandler):

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from growc.errors import TraceError
+from growc.graph.attention import split_attention_modules
 from growc.graph.handlers import add_mirror, owner_of
 from growc.graph.modes import is_mode_flag, mode_faithful_graph
+from growc.graph.tokens import flatten_patch_maps
 
 
 class GrowcTracer(fx.Tracer):
@@ -38,7 +40,7 @@ class GrowcTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
-        # Attention is opaque: growth happens around it, never inside it.
+        # An attention module that `split_attention_modules` left whole is opaque.
         if isinstance(m, nn.MultiheadAttention):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -76,9 +78,11 @@ def trace(
     """Symbolically trace `model`, faithful to it in training and in eval mode (see
     `graph/modes.py`); raise a TraceError that names the user's line on failure. Convs with
     `padding="same"` or `"valid"` get the numbers instead, where that computes the same
-    (`_numeric_padding`)."""
+    (`_numeric_padding`), and each `nn.MultiheadAttention` it can write out becomes a
+    `SplitAttention` (`graph/attention.py`), in `model` too."""
     tracer = GrowcTracer(leaf_modules)
     _numeric_padding(model)
+    split_attention_modules(model)
 
     def trace_with_leaves(leaves: set[str]) -> fx.Graph:
         nonlocal tracer
@@ -109,6 +113,7 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _mirror_copied_attributes(gm, model)
     lift_functional_layers(gm, model)
+    flatten_patch_maps(gm, model)
     return gm
 
 

@@ -1,0 +1,161 @@
+"""`nn.MultiheadAttention`, written out so that the stream around it can grow.
+
+An `nn.MultiheadAttention` is one module whose `embed_dim` is at once the width of the stream it
+reads and writes and the width of its heads, and whose query, key and value projections are one
+packed Parameter: the stream cannot get one more unit while the module stays what it is. Before
+tracing, growc replaces each one (in the user's model too: the graph and the model keep sharing
+their modules) by a `SplitAttention` holding the same numbers as four Linears, `q`, `k`, `v` and
+`out_proj` (the original's Parameters), around `F.scaled_dot_product_attention`. The graph then shows the
+projections as layers: `q`, `k` and `v` read the stream and `out_proj` writes it, like a
+hand-written attention block, and the heads themselves are a site of their own that growc leaves
+intact with its reason.
+
+The replacement computes what the module did (to float rounding), in both modes, with or without
+masks. A configuration it does not cover (`add_bias_kv`, `add_zero_attn`) keeps the original
+module, called whole by the graph; its reason says so.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask in `nn.MultiheadAttention`'s sense (bool: True where attention is not allowed;
+    float: added to the scores) as a float mask to add."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+@fx.wrap
+def attention_mask(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    batch: int,
+    heads: int,
+    queries: int,
+    keys: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The additive (batch, heads, queries, keys) mask for `F.scaled_dot_product_attention` made
+    from `nn.MultiheadAttention`'s two masks. Called whole by a traced graph: it branches on the
+    masks' dtypes."""
+    mask = torch.zeros((), dtype=dtype)
+    if attn_mask is not None:
+        m = _additive(attn_mask, dtype)
+        mask = mask + (m.view(batch, heads, queries, keys) if m.dim() == 3 else m)
+    if key_padding_mask is not None:
+        mask = mask + _additive(key_padding_mask, dtype).view(batch, 1, 1, keys)
+    return mask
+
+
+class SplitAttention(nn.Module):
+    """Multi-head attention with separate `q`, `k`, `v` projections; `forward` takes and returns
+    what `nn.MultiheadAttention.forward` does (inputs of 3 dimensions)."""
+
+    def __init__(self, source: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.num_heads, self.batch_first, self.dropout = source.num_heads, source.batch_first, source.dropout
+        e = source.embed_dim
+        if source._qkv_same_embed_dim:
+            weights = source.in_proj_weight.detach().split(e)
+        else:
+            weights = (source.q_proj_weight.detach(), source.k_proj_weight.detach(), source.v_proj_weight.detach())
+        biases = source.in_proj_bias.detach().split(e) if source.in_proj_bias is not None else (None,) * 3
+        projections = []
+        for weight, bias in zip(weights, biases):
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+            linear.to(weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            linear.weight.requires_grad_(source.out_proj.weight.requires_grad)
+            projections.append(linear)
+        self.q, self.k, self.v = projections
+        # A plain Linear holding the same Parameters (the original's class is one that a
+        # checkpoint's architecture cannot name).
+        out = source.out_proj
+        self.out_proj = nn.Linear(out.in_features, out.out_features, bias=out.bias is not None, device="meta")
+        self.out_proj.weight = out.weight
+        if out.bias is not None:
+            self.out_proj.bias = out.bias
+        # Dropout on the attention weights is a module, so that it reads its own mode in the graph.
+        self.attention_dropout = nn.Dropout(source.dropout)
+
+    def _heads(self, x: torch.Tensor, batch, tokens) -> torch.Tensor:
+        """(batch, tokens, width) or (tokens, batch, width) to (batch, heads, tokens, width / heads)."""
+        if self.batch_first:
+            return x.view(batch, tokens, self.num_heads, -1).transpose(1, 2)
+        return x.view(tokens, batch, self.num_heads, -1).permute(1, 2, 0, 3)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.batch_first:
+            batch, queries, keys = query.size(0), query.size(1), key.size(1)
+        else:
+            batch, queries, keys = query.size(1), query.size(0), key.size(0)
+        q = self._heads(self.q(query), batch, queries)
+        k = self._heads(self.k(key), batch, keys)
+        v = self._heads(self.v(value), batch, keys)
+        mask = None
+        if attn_mask is not None or key_padding_mask is not None:
+            mask = attention_mask(attn_mask, key_padding_mask, batch, self.num_heads, queries, keys, q.dtype)
+            is_causal = False  # the mask given is the one to use (nn.MultiheadAttention's reading of the hint)
+        weights = None
+        if need_weights or self.dropout > 0:
+            # Written out: the weights are an output, or their dropout is a module of the graph.
+            scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                scores = scores.masked_fill(torch.ones(queries, keys, dtype=torch.bool).triu(1), float("-inf"))
+            weights = self.attention_dropout(scores.softmax(-1))
+            heads = weights @ v
+            if need_weights:
+                weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        if self.batch_first:
+            joined = heads.transpose(1, 2).reshape(batch, queries, -1)
+        else:
+            joined = heads.permute(2, 0, 1, 3).reshape(queries, batch, -1)
+        return self.out_proj(joined), weights if need_weights else None
+
+
+def why_kept_whole(module: nn.MultiheadAttention) -> str | None:
+    """Why growc keeps this attention module whole instead of splitting it, or None."""
+    if module.bias_k is not None:
+        return "it appends learned key and value tokens (add_bias_kv)"
+    if module.add_zero_attn:
+        return "it appends a zero key and value (add_zero_attn)"
+    return None
+
+
+def split_attention_modules(model: nn.Module) -> list[str]:
+    """Replace, in place, every `nn.MultiheadAttention` inside `model` that `SplitAttention`
+    covers (a module used in several places gets one replacement, used there all); the names
+    of the replaced modules."""
+    replaced: dict[int, SplitAttention] = {}
+    names = []
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for attr, child in list(parent.named_children()):
+            if not isinstance(child, nn.MultiheadAttention) or why_kept_whole(child) is not None:
+                continue
+            if id(child) not in replaced:
+                replaced[id(child)] = SplitAttention(child).train(child.training)
+                names.append(f"{parent_name}.{attr}" if parent_name else attr)
+            setattr(parent, attr, replaced[id(child)])
+    return names
