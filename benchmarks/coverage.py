@@ -106,9 +106,11 @@ def _grown_at_zero(build: Any, dtype: torch.dtype) -> tuple[nn.Module, Any, list
 
 
 def measure(name: str, build: Any) -> dict[str, Any]:
+    # The model's own layers, as the user wrote it (tracing writes nn.MultiheadAttention out as
+    # Linears, `graph/attention.py`: those are not the model's layers).
+    layers = [n for n, m in build().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
     model, report, growths, exact, graph = _grown_at_zero(build, torch.float32)
     exact64 = _grown_at_zero(build, torch.float64)[3]
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
     grown = {n for s in report.sites for n in (s.producer, *s.writers, *s.carriers)}
     reasons = Counter(why for layer, why in report.skipped if layer in layers and layer not in grown)
     with torch.no_grad():

@@ -338,17 +338,6 @@ class DenseNet(nn.Module):
         return self.classifier(torch.flatten(out, 1))
 
 
-FAMILIES = {
-    "resnet50": lambda: ResNeXt(groups=1, width_per_group=64),
-    "resnext50_32x4d": lambda: ResNeXt(),
-    "regnet_x_400mf": lambda: RegNet([1, 2, 7, 12], [32, 64, 160, 400], 16, 0.0),
-    "regnet_y_400mf": lambda: RegNet([1, 3, 6, 6], [48, 104, 208, 440], 8, 0.25),
-    "efficientnet_b0": EfficientNetB0,
-    "mobilenet_v3_small": MobileNetV3Small,
-    "densenet121": DenseNet,
-}
-
-
 class ViTMLP(nn.Sequential):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0))
@@ -418,3 +407,15 @@ class VisionTransformer(nn.Module):
         x = torch.cat([batch_class_token, x], dim=1)
         x = self.encoder(x)
         return self.heads(x[:, 0])
+
+
+FAMILIES = {
+    "resnet50": lambda: ResNeXt(groups=1, width_per_group=64),
+    "resnext50_32x4d": lambda: ResNeXt(),
+    "regnet_x_400mf": lambda: RegNet([1, 2, 7, 12], [32, 64, 160, 400], 16, 0.0),
+    "regnet_y_400mf": lambda: RegNet([1, 3, 6, 6], [48, 104, 208, 440], 8, 0.25),
+    "efficientnet_b0": EfficientNetB0,
+    "mobilenet_v3_small": MobileNetV3Small,
+    "densenet121": DenseNet,
+    "vit_b_16": lambda: VisionTransformer(image_size=64),
+}

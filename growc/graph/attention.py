@@ -151,7 +151,7 @@ def split_attention_modules(model: nn.Module) -> list[str]:
     replaced: dict[int, SplitAttention] = {}
     names = []
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
-        for attr, child in list(parent.named_children()):
+        for attr, child in list(parent._modules.items()):  # named_children() skips a repeated module
             if not isinstance(child, nn.MultiheadAttention) or why_kept_whole(child) is not None:
                 continue
             if id(child) not in replaced:
