@@ -355,6 +355,7 @@ class EncoderBlock(nn.Module):
         self.mlp = ViTMLP(dim, mlp_dim)
 
     def forward(self, input):
+        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         x = self.ln_1(input)
         x, _ = self.self_attention(x, x, x, need_weights=False)
         x = self.dropout(x)
@@ -375,6 +376,7 @@ class Encoder(nn.Module):
         self.ln = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, input):
+        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         return self.ln(self.layers(self.dropout(input + self.pos_embedding)))
 
 
@@ -395,6 +397,8 @@ class VisionTransformer(nn.Module):
     def _process_input(self, x):
         n, c, h, w = x.shape
         p = self.patch_size
+        torch._assert(h == self.image_size, f"Wrong image height! Expected {self.image_size} but got {h}!")
+        torch._assert(w == self.image_size, f"Wrong image width! Expected {self.image_size} but got {w}!")
         n_h, n_w = h // p, w // p
         x = self.conv_proj(x)
         x = x.reshape(n, self.hidden_dim, n_h * n_w)

@@ -514,6 +514,7 @@ class PatchTransformer(nn.Module):
         n = x.shape[0]
         h = self.patches(x).reshape(n, self.dim, -1).permute(0, 2, 1)
         h = torch.cat([self.class_token.expand(n, -1, -1), h], dim=1) + self.position
+        torch._assert(h.dim() == 3, f"expected (batch, tokens, width), got {h.shape}")  # as torchvision checks
         a = self.norm1(h)
         a, _ = self.attention(a, a, a, need_weights=False)
         h = h + a

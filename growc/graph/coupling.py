@@ -238,8 +238,8 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 def _is_size_of(arg: fx.Node, node: fx.Node) -> bool:
-    """x.size(0) / x.shape[0]: a size read from `node`, not a tensor."""
-    if arg.op == "call_method" and arg.target == "size":
+    """x.size(0) / x.shape[0] / x.dim(): a size read from `node`, not a tensor."""
+    if arg.op == "call_method" and arg.target in ("size", "dim"):
         return arg.args[:1] == (node,)
     if arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[0], fx.Node):
         return _is_size_of(arg.args[0], node)
@@ -431,7 +431,7 @@ class _Walk:
         """Walk back from an addition's other operand, or a product's other factor, to the layer
         that writes it (a writer: it gets zero rows). A factor may go through ops that are not 0 at
         0 (a gate's sigmoid); a term may not (the new units would not be the source's alone)."""
-        gate = verb != "added to"
+        gate = verb == "multiplied by"
         node = operand
         while node not in self.members:
             module = module_of(self.gm, node)
