@@ -69,7 +69,9 @@ for a in grower.measure(loader):
 
 # Grow the site of your choice...
 (record,) = grower.grow("inner", neurons=4, optimizer=optimizer)
-print(f"grew inner by {record.neurons}: loss -{record.observed_gain:.4f} (first order predicted -{record.predicted_gain:.4f})")
+print(
+    f"grew inner by {record.neurons}: loss -{record.observed_gain:.4f} (first order predicted -{record.predicted_gain:.4f})"
+)
 train(model, optimizer, loader, epochs=2)
 
 # ...or let the gain per parameter decide, a few times.
@@ -81,7 +83,9 @@ for _ in range(3):
 train(model, optimizer, loader, epochs=4)
 
 frozen = growc.freeze(model, [x_val[:2]])
-print(f"frozen: {sum(p.numel() for p in frozen.parameters())} parameters, val accuracy {accuracy(frozen, x_val, y_val):.2%}")
+print(
+    f"frozen: {sum(p.numel() for p in frozen.parameters())} parameters, val accuracy {accuracy(frozen, x_val, y_val):.2%}"
+)
 out = Path(tempfile.mkdtemp())
 exported = growc.export_onnx(frozen, [x_val[:64]], out / "model.onnx", check_inputs=[x_val])
 print(f"wrote {exported.path} (onnxruntime max |diff| {exported.max_abs_diff:.1e})")

@@ -259,6 +259,23 @@ def _rearranges(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and _op_name(node) in _REARRANGING
 
 
+def _feeds_attention(node: fx.Node, hops: int = 3) -> bool:
+    """`node` reaches `F.scaled_dot_product_attention` or a matmul within a few ops (the
+    rearrangement into heads before it)."""
+    if hops == 0:
+        return False
+    for user in node.users:
+        if user.op == "call_function" and user.target in (
+            F.scaled_dot_product_attention,
+            torch.matmul,
+            operator.matmul,
+        ):
+            return True
+        if _feeds_attention(user, hops - 1):
+            return True
+    return False
+
+
 def _only_input(user: fx.Node, node: fx.Node) -> bool:
     """`node` is the op's first input and no other tensor enters it."""
     if user.args[:1] != (node,):
@@ -418,6 +435,11 @@ class _Walk:
 
     @staticmethod
     def _refuse_rearranging(user: fx.Node) -> None:
+        if _rearranges(user) and _feeds_attention(user):
+            raise Ungrowable(
+                f"'{user.name}' ({_op_name(user)}) splits its units into attention heads, which growc does not grow "
+                "yet (a new head's best values depend on its attention pattern)"
+            )
         if _rearranges(user):
             raise Ungrowable(
                 f"'{user.name}' ({_op_name(user)}) rearranges its units (into attention heads or channel "
