@@ -60,7 +60,7 @@ def _trained_looking(model: nn.Module, generator: torch.Generator) -> None:
 def _random_units(graph: nn.Module, site: Any, generator: torch.Generator, dtype: torch.dtype) -> NewUnits:
     producer = graph.get_submodule(site.producer)
     handler = handler_for(producer)
-    k = site.groups
+    k = site.groups * site.unit_block  # one unit per channel group, or one whole head
     rows = [graph.get_submodule(c).weight.shape[0] for c in site.consumers]
 
     def draw(*shape: int) -> torch.Tensor:

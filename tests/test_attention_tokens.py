@@ -4,12 +4,17 @@ it grows exactly, and the token patterns are followed only where they are what t
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from growc.graph.attention import SplitAttention, split_attention_modules
 from growc.graph.candidates import find_width_sites
 from growc.graph.rewrite import NewUnits, SiteGrowth
 from growc.graph.trace import trace
+from growc.growth.collector import StatisticsCollector
+from growc.growth.config import GrowthConfig
+from growc.growth.step import assess_sites, new_units, whole_block_neurons
+from growc.tiny.site_solution import neurons_raw_gain
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -168,3 +173,69 @@ def test_indexing_units_that_are_not_known_tokens_is_left_intact_with_the_reason
     report = find_width_sites(trace(_ChannelIndex()))
     why = dict(report.skipped)["a"]
     assert "cannot tell whether it selects a token" in why
+
+
+class _Encoder(nn.Module):
+    """A token classifier around nn.MultiheadAttention, whose heads grow."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.embed = nn.Linear(3, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):  # (B, 6 tokens, 3)
+        h = self.embed(x)
+        a = self.norm(h)
+        h = h + self.attention(a, a, a, need_weights=False)[0]
+        return self.head(h.mean(-2))
+
+
+def _token_data(n=400):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 6, 3, generator=g, dtype=torch.float64)
+    y = (x[:, :, 0].mean(1) > 0).long() + 2 * (x[:, :3, 1].sum(1) * x[:, 3:, 2].sum(1) > 0)
+    return x, y
+
+
+def test_new_attention_heads_are_exact_at_zero_and_their_first_order_gain_holds():
+    """A new head's query rows are 0, so it attends uniformly: exact at amplitude 0 whatever its
+    (random) keys, and its values' neurons are those of the token-mean problem, whose first-order
+    prediction matches the observed loss decrease."""
+    torch.manual_seed(0)
+    model = _Encoder().double()
+    x, y = _token_data()
+    graph = trace(model)
+    site = next(s for s in find_width_sites(graph).sites if s.unit_block > 1)
+    assert (site.producer, site.consumers, site.unit_block) == ("attention.v", ("attention.out_proj",), 4)
+    assert set(site.writers) == {"attention.q", "attention.k"} and site.seeded == ("attention.k",)
+    collector = StatisticsCollector(graph, [site], folds=1)
+    with collector:
+        graph.zero_grad()
+        F.cross_entropy(graph(x), y).backward()
+        collector.accumulate(x.shape[0])
+    (a,) = assess_sites(graph, [site], collector.accumulators, GrowthConfig())
+    assert a.group_size == 4 and a.significant % 4 == 0
+    with torch.no_grad():
+        base = float(F.cross_entropy(graph(x), y))
+        # One head: the gradient has rank 3 here (4 classes), so its 4th value starts at 0.
+        neurons = whole_block_neurons(a.solution.neurons.take(4), 4)
+        assert neurons.count == 4 and neurons.alpha[:, 3].abs().sum() == 0
+        units, scale = new_units(a, neurons, torch.float64)
+        predicted = scale * float(neurons_raw_gain(a.moments, neurons.alpha, neurons.omega).sum())
+        growth = SiteGrowth(graph, site, units)
+        attention = model.attention
+        assert attention.num_heads == 3 and attention.k.weight[8:].abs().sum() > 0
+        growth.set_amplitude(0.0)
+        assert float(F.cross_entropy(graph(x), y)) == pytest.approx(base, abs=1e-12)
+        assert float(F.cross_entropy(model(x), y)) == pytest.approx(base, abs=1e-12)
+        growth.set_amplitude(1e-3)
+        observed = (base - float(F.cross_entropy(graph(x), y))) / 1e-3**2
+        assert predicted > 0 and abs(observed / predicted - 1) < 0.05, (observed, predicted)
+        growth.undo()
+        assert attention.num_heads == 2
+        assert float(F.cross_entropy(graph(x), y)) == base
+    with pytest.raises(ValueError, match="blocks of 4"):
+        SiteGrowth(graph, site, new_units(a, a.solution.neurons.take(2), torch.float64)[0])
+    assert whole_block_neurons(a.solution.neurons.take(2), 4).count == 4

@@ -56,7 +56,7 @@ def _random_units(graph, site, k=2, generator=None):
     producer = graph.get_submodule(site.producer)  # the graph is the model (lifted F.linear layers)
     handler = handler_for(producer)
     flat_in = handler.in_size(producer) * handler.taps(producer)  # dense rows, whatever the groups
-    k *= site.groups  # k per channel group
+    k *= site.groups * site.unit_block  # k per channel group, whole heads
     rows = [graph.get_submodule(c).weight.shape[0] for c in site.consumers]
     return NewUnits(
         rows=torch.randn(k, flat_in, generator=generator),

@@ -17,6 +17,8 @@ module, called whole by the graph; its reason says so.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -58,7 +60,7 @@ class SplitAttention(nn.Module):
 
     def __init__(self, source: nn.MultiheadAttention) -> None:
         super().__init__()
-        self.num_heads, self.batch_first, self.dropout = source.num_heads, source.batch_first, source.dropout
+        self.head_dim, self.batch_first, self.dropout = source.head_dim, source.batch_first, source.dropout
         e = source.embed_dim
         if source._qkv_same_embed_dim:
             weights = source.in_proj_weight.detach().split(e)
@@ -86,11 +88,16 @@ class SplitAttention(nn.Module):
         # Dropout on the attention weights is a module, so that it reads its own mode in the graph.
         self.attention_dropout = nn.Dropout(source.dropout)
 
+    @property
+    def num_heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
     def _heads(self, x: torch.Tensor, batch, tokens) -> torch.Tensor:
-        """(batch, tokens, width) or (tokens, batch, width) to (batch, heads, tokens, width / heads)."""
+        """(batch, tokens, width) or (tokens, batch, width) to (batch, heads, tokens, head_dim):
+        the number of heads follows the projections' width, so a new head is `head_dim` more rows."""
         if self.batch_first:
-            return x.view(batch, tokens, self.num_heads, -1).transpose(1, 2)
-        return x.view(tokens, batch, self.num_heads, -1).permute(1, 2, 0, 3)
+            return x.view(batch, tokens, -1, self.head_dim).transpose(1, 2)
+        return x.view(tokens, batch, -1, self.head_dim).permute(1, 2, 0, 3)
 
     def forward(
         self,
@@ -112,7 +119,7 @@ class SplitAttention(nn.Module):
         v = self._heads(self.v(value), batch, keys)
         mask = None
         if attn_mask is not None or key_padding_mask is not None:
-            mask = attention_mask(attn_mask, key_padding_mask, batch, self.num_heads, queries, keys, q.dtype)
+            mask = attention_mask(attn_mask, key_padding_mask, batch, q.size(1), queries, keys, q.dtype)
             is_causal = False  # the mask given is the one to use (nn.MultiheadAttention's reading of the hint)
         weights = None
         if need_weights or self.dropout > 0:
@@ -159,3 +166,75 @@ def split_attention_modules(model: nn.Module) -> list[str]:
                 names.append(f"{parent_name}.{attr}" if parent_name else attr)
             setattr(parent, attr, replaced[id(child)])
     return names
+
+
+@dataclass(frozen=True)
+class HeadPath:
+    """Self-attention written as `SplitAttention` writes it, seen from the graph: q, k, v
+    projections of one input, each `view(b, t, -1, head_dim).transpose(1, 2)`, into
+    `F.scaled_dot_product_attention` without a mask, then `transpose(1, 2).reshape(b, t, -1)`
+    into the output projection. Its units are heads of `head_dim` values each."""
+
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    attention: fx.Node
+    nodes: tuple[fx.Node, ...]  # the views and transposes of q, k, v, the attention, its transpose
+    joined: fx.Node  # the reshape the output projection reads
+    head_dim: int
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_method(node: fx.Node | None, name: str, args: tuple | None = None) -> bool:
+    return (
+        node is not None
+        and node.op == "call_method"
+        and node.target == name
+        and (args is None or tuple(node.args[1:]) == args)
+    )
+
+
+def _split_into_heads(projection: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
+    """(view, transpose, head_dim) where `projection`'s output goes only into the head split."""
+    view = _only_user(projection)
+    if not _is_method(view, "view") or len(view.args) != 5 or view.args[3] != -1:
+        return None
+    head_dim = view.args[4]
+    swap = _only_user(view)
+    if not isinstance(head_dim, int) or not _is_method(swap, "transpose", (1, 2)):
+        return None
+    return view, swap, head_dim
+
+
+def head_path(projection: fx.Node) -> HeadPath | None:
+    """The self-attention whose q, k or v projection is `projection` (a call_module node), when
+    it has exactly `HeadPath`'s form; None otherwise."""
+    split = _split_into_heads(projection)
+    attention = _only_user(split[1]) if split else None
+    if attention is None or attention.op != "call_function" or attention.target is not F.scaled_dot_product_attention:
+        return None
+    if len(attention.args) != 3 or any(v not in (None, False, 0.0) for v in attention.kwargs.values()):
+        return None  # a mask, dropout or another scale: not the plain form
+    chains = []
+    for swap in attention.args:
+        view = swap.args[0] if isinstance(swap, fx.Node) and isinstance(swap.args[0], fx.Node) else None
+        p = view.args[0] if view is not None else None
+        found = _split_into_heads(p) if isinstance(p, fx.Node) and p.op == "call_module" else None
+        if found is None or found[1] is not swap:
+            return None
+        chains.append((p, *found))
+    (q, *_, d), (k, *_, dk), (v, *_, dv) = chains
+    if len({d, dk, dv}) != 1 or not (q.args[0] is k.args[0] is v.args[0]):
+        return None  # heads of different sizes, or cross-attention
+    back = _only_user(attention)
+    joined = _only_user(back) if _is_method(back, "transpose", (1, 2)) else None
+    if not _is_method(joined, "reshape") or len(joined.args) != 4 or joined.args[3] != -1:
+        return None
+    reader = _only_user(joined)
+    if reader is None or reader.op != "call_module":
+        return None
+    nodes = tuple(n for _, view, swap, _ in chains for n in (view, swap)) + (attention, back)
+    return HeadPath(q, k, v, attention, nodes, joined, d)

@@ -82,6 +82,11 @@ class WidthSite:
     # statistics give them the outgoing weights that fit the neurons once these are chosen.
     reached: tuple[tuple[tuple[str, ...], bool, tuple[tuple, ...]], ...] = ()
     groups: int = 1  # channel groups of the grouped convs the units belong to: every group grows alike
+    # Units that come only in blocks of this many (attention heads: head_dim values each).
+    unit_block: int = 1
+    # Writers whose new rows start random, not zero (a new head's keys: with zero query rows the
+    # head is exact at any keys, and zero queries with zero keys would never move).
+    seeded: tuple[str, ...] = ()
 
     adds_modules: ClassVar[bool] = False  # growth widens existing layers only
     sign_testable: ClassVar[bool] = True
@@ -320,6 +325,8 @@ def describe_ties(site: WidthSite) -> str:
         parts.append("broadcast: " + ", ".join(path for path, _ in site.broadcasts))
     if site.groups > 1:
         parts.append(f"in {site.groups} channel groups, each growing alike")
+    if site.unit_block > 1:
+        parts.append(f"whole attention heads of {site.unit_block} values")
     return "; ".join(parts)
 
 
@@ -332,6 +339,8 @@ def site_kind(site: WidthSite) -> str:
         return "width, concatenated"
     if site.groups > 1:
         return "width, channel groups"
+    if site.unit_block > 1:
+        return "width, attention heads"
     return "width"
 
 
@@ -340,6 +349,11 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
     neurons reach (the others read the group upstream of the source, where the units are 0)."""
     values = trace_values(gm, group, source)
     conv = is_feature_map_layer(module_of(gm, source))
+    if group.heads is not None and source is not group.heads.v:
+        raise Ungrowable(
+            f"new heads are grown from their values ('{group.heads.v.target}'): the queries' and keys' new rows "
+            "start at 0 and random"
+        )
     if group.token_views and conv:
         raise Ungrowable(
             f"'{source.target}' writes a feature map that '{group.token_views[0].name}' lays out as tokens: its new "
@@ -418,6 +432,8 @@ def _site_from(gm: fx.GraphModule, group: Group, source: fx.Node) -> tuple[Width
     for path, _ in site.broadcasts:
         site.broadcast_dim(gm, path)  # raises where the tensor does not line up with the units
     site = replace(site, groups=_channel_groups(gm, site))
+    if group.heads is not None:
+        site = replace(site, unit_block=group.heads.head_dim, seeded=(str(group.heads.k.target),))
     return site, sum(len(members) for members in classes.values())
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from growc.graph.attention import HeadPath, head_path
 from growc.graph.elementwise import activation_name, elementwise_op, elementwise_slope
 from growc.graph.handlers import handler_for, is_batchnorm, is_depthwise, is_unit_norm, unhandled_reason
 from growc.graph.modes import is_mode_flag
@@ -61,6 +62,7 @@ class Group:
     # and the members known to hold tokens, units last.
     token_views: list[fx.Node] = field(default_factory=list)
     tokens: set[fx.Node] = field(default_factory=set)
+    heads: HeadPath | None = None  # the units are attention heads: q, k and v write them (`graph/attention.py`)
 
 
 @dataclass(frozen=True)
@@ -323,7 +325,19 @@ class _Walk:
             self.group.tokens.add(user)
 
     def _visit_tokens(self, node: fx.Node, user: fx.Node) -> bool:
-        """The token patterns of `graph/tokens.py`; False where `user` is none of them."""
+        """The token patterns of `graph/tokens.py` and the heads of `graph/attention.py`; False
+        where `user` is none of them."""
+        heads = head_path(node) if node.op == "call_module" and node in self.group.writers else None
+        if heads is not None and self.group.heads is None:
+            # New heads: rows of q, k and v (one head's values each), columns of the output projection.
+            self.group.heads = heads
+            for projection in (heads.q, heads.k, heads.v):
+                if projection not in self.members:
+                    self.members.add(projection)
+                    self.group.writers.append(projection)
+            self.members.update(heads.nodes)
+            self._add_member(heads.joined)
+            return True
         views = tokens_of_map(node)
         if views is not None and user is views[0]:  # a feature map laid out as tokens
             flat, swap = views
@@ -608,6 +622,9 @@ def _through(gm: fx.GraphModule, node: fx.Node, v: Value, live: bool, group: Gro
         pools, stage = (*pools, ("adaptive", (1, 1))), "flat"
     elif is_token_mean(node):
         pools = (*pools, ("mean", _mean_dims(node)))  # its readers see one row per sample, not per token
+    elif group.heads is not None and node is group.heads.attention:
+        # A new head with zero query rows attends uniformly: its values' mean over the keys.
+        pools = (*pools, ("keys mean",))
     elif selected_token(node) is not None:
         pools = (*pools, ("select", 1, selected_token(node)[1]))  # one row per sample: that token's
     elif is_flatten(gm, node):

@@ -97,6 +97,8 @@ class SiteGrowth:
     def __init__(self, root: nn.Module, site: WidthSite, units: NewUnits) -> None:
         self.site = site
         self.count = k = units.count
+        if k % site.unit_block:
+            raise ValueError(f"{k} new units for '{site.name}', whose units come in blocks of {site.unit_block}")
         self._producer = producer = root.get_submodule(site.producer)
         p_handler = handler_for(producer)
         # Where each layer takes the new units, read before anything grows (offsets, positions in
@@ -179,6 +181,9 @@ class SiteGrowth:
             handler = handler_for(writer)
             flat_in = handler.in_size(writer) * handler.taps(writer)
             rows, bias = _mean_rows(writer, k, flat_in) if self.site.centred else (ref.new_zeros(k, flat_in), zeros)
+            if name in self.site.seeded:  # as large as its own rows, so that training moves it
+                spread = writer.weight.detach().std().clamp_min(1e-3)
+                rows = torch.randn(k, flat_in, dtype=ref.dtype, device=ref.device) * spread.to(ref)
             self.swaps += handler.grow_out(
                 writer, rows.to(ref), None if bias is None else bias.to(ref), entries_at[name]
             )

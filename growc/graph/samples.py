@@ -63,6 +63,8 @@ def producer_rows(site: WidthSite, root: nn.Module, x_prev: Tensor) -> Tensor:
         for spec in site.pools:  # averages over tokens on the way: the new unit there is the mean
             if spec[0] == "mean":
                 x_prev = x_prev.mean(dim=spec[1])
+            elif spec[0] == "keys mean":  # a new attention head, uniform over the keys, at every query
+                x_prev = x_prev.mean(dim=-2, keepdim=True).expand_as(x_prev)
             elif spec[0] == "select":  # one token read (a class token): that token's input
                 x_prev = x_prev.select(spec[1], spec[2])
         return with_ones(handler_for(producer).input_rows(producer, x_prev))

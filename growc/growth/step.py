@@ -47,8 +47,9 @@ class SiteAssessment:
 
     @property
     def group_size(self) -> int:
-        """Neurons that can only be added together (one per channel group)."""
-        return self.groups.count if self.groups is not None else 1
+        """Neurons that can only be added together (one per channel group, or an attention head's
+        values)."""
+        return self.groups.count if self.groups is not None else _unit_block(self.site)
 
     def summary(self) -> dict[str, float | int]:
         """What the method says about the site, in numbers: its expressivity bottleneck (absolute
@@ -85,6 +86,7 @@ def assess_sites(
         cap = config.new_neuron_cap(site.width(model))
         if groups is not None:
             cap = max(groups.levels(cap), 1) * groups.count
+        cap = _whole_blocks(cap, _unit_block(site))
         raw = acc.total()
         if not _finite(raw):
             continue  # a NaN/inf gradient poisoned this site's statistics: no growth there this step
@@ -103,7 +105,7 @@ def assess_sites(
                 site=site,
                 moments=moments,
                 solution=solution,
-                significant=min(significance.significant, solution.neurons.count),
+                significant=_significant(significance.significant, solution.neurons.count, _unit_block(site)),
                 cost=site.params_per_neuron(model),
                 mode=mode,
                 unit_scale=site.unit_scale(model, moments.s_prev),
@@ -119,6 +121,35 @@ def assess_sites(
             )
         )
     return out
+
+
+def _unit_block(site: Site) -> int:
+    """How many units a site's neurons come in (an attention head's values: a block of them)."""
+    return getattr(site, "unit_block", 1)
+
+
+def _whole_blocks(count: int, block: int) -> int:
+    """`count` rounded down to whole blocks, or up to one block when any neuron is there."""
+    return count if block == 1 or count == 0 else max(count // block, 1) * block
+
+
+def _significant(passed: int, solved: int, block: int) -> int:
+    """The neurons that passed the test (no more than the solver found), in whole blocks: a
+    passing first neuron brings its block, whose other units may be zero neurons
+    (`whole_block_neurons`)."""
+    return _whole_blocks(min(passed, solved), block)
+
+
+def whole_block_neurons(neurons: Neurons, block: int) -> Neurons:
+    """`neurons` made a whole number of blocks with zero neurons at the end: a head's values
+    beyond the directions the solver found start at 0 (and are exact there) and learn in
+    training. A gradient of rank r gives at most r directions, fewer than a head's values when
+    the head is wide."""
+    missing = -neurons.count % block
+    if missing == 0:
+        return neurons
+    pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:-1], missing)], dim=-1)  # noqa: E731
+    return Neurons(pad(neurons.alpha), pad(neurons.omega), pad(neurons.lambdas))
 
 
 def _unit_groups(groups: ChannelGroups | None, mode: InputMode) -> UnitGroups | None:
@@ -398,7 +429,10 @@ def _proposed_neurons(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[
     help with neither are dropped (the reason says so)."""
     if a.groups is not None:  # whole levels: one neuron per channel group
         count = max(a.groups.levels(count), 1) * a.groups.count
-    neurons = ctx.strategy.propose(a.solution, a.moments, count, ctx.generator)
+    count = _whole_blocks(count, _unit_block(a.site))
+    neurons = whole_block_neurons(
+        ctx.strategy.propose(a.solution, a.moments, count, ctx.generator), _unit_block(a.site)
+    )
     if a.groups is not None:  # the strategies propose dense neurons; each unit keeps to its group
         neurons = a.groups.restrict(neurons, [u.delta.shape[0] for u in a.solution.updates])
     if not is_kinked(a.site) or ctx.strategy.function_preserving:
