@@ -26,10 +26,10 @@ growc grow examples/digits_transformer.py --out exported_models/digits_transform
 growc export exported_models/digits_transformer/model.safetensors --int8 static --data examples/digits_transformer.py
 dynamic exported_models/digits_transformer/model.safetensors --data examples/digits_transformer.py
 growc grow examples/digits_vit.py --out exported_models/digits_vit --quiet
-# (static int8 loses 1.7 points on this model and is refused: printed, not fatal; the dynamic
-# int8 file, within 0.5 points, is the one kept in deploy/)
+# (int8 loses 8.9 points (dynamic) and 37.9 (static) on this model, with its grown attention
+# heads, and is refused in both modes: printed, not fatal; deploy/ keeps the float32 file)
 growc export exported_models/digits_vit/model.safetensors --int8 static --data examples/digits_vit.py || true
-growc export exported_models/digits_vit/model.safetensors --int8 dynamic --data examples/digits_vit.py
+growc export exported_models/digits_vit/model.safetensors --int8 dynamic --data examples/digits_vit.py || true
 growc grow examples/digits_resnext.py --out exported_models/digits_resnext --quiet
 growc export exported_models/digits_resnext/model.safetensors --int8 static --data examples/digits_resnext.py
 # (dynamic int8 loses 2.5 points on this model and is refused: printed, not fatal)

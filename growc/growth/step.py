@@ -8,9 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from growc.graph.handlers import handler_for
+from growc.graph.incremental import IncrementalForward
 from growc.graph.rewrite import NewUnits, carry_optimizer_state, uncarry_optimizer_state
 from growc.graph.site import ChannelGroups, Growth, Site, conflict
 from growc.growth.amplitude import NEURON_AMPLITUDES, UPDATE_FRACTIONS, line_search
@@ -302,18 +303,29 @@ class LineSearchBatch:
     #: conv net's forward is cheaper per sample (CIFAR's 16-32-64 CNN, CPU, in isolation: 4 x 128
     #: samples in 84 ms against 129 ms for 512 at once).
     chunk: int | None = None
+    #: Values kept between evaluations of a traced model: a site's search reruns only what its
+    #: changes reach (graph/incremental.py). None: every evaluation is a whole forward.
+    reuse: IncrementalForward | None = field(default_factory=IncrementalForward)
+
+    def _chunks(self) -> list[tuple[list[Tensor], Tensor]]:
+        count = self.target.shape[0]
+        chunk = min(self.chunk or count, count)
+        parts = [slice(start, start + chunk) for start in range(0, count, chunk)]
+        return [([x[part] for x in self.inputs], self.target[part]) for part in parts]
 
     def loss(self, model: nn.Module) -> float:
-        count = self.target.shape[0]
-        chunk = self.chunk or count
-        if chunk >= count:
-            return batch_loss(model, self.inputs, self.target, self.loss_fn)
-        total = 0.0
-        for start in range(0, count, chunk):
-            part = slice(start, start + chunk)
-            size = self.target[part].shape[0]
-            total += batch_loss(model, [x[part] for x in self.inputs], self.target[part], self.loss_fn) * size
-        return total / count
+        chunks = self._chunks()
+        if self.reuse is not None and isinstance(model, fx.GraphModule):
+            with modes_kept(model):
+                model.eval()
+                outputs = self.reuse.outputs(model, [inputs for inputs, _ in chunks])
+            losses = [float(self.loss_fn(out, target)) for out, (_, target) in zip(outputs, chunks)]
+        else:
+            losses = [batch_loss(model, inputs, target, self.loss_fn) for inputs, target in chunks]
+        if len(chunks) == 1:
+            return losses[0]
+        sizes = [target.shape[0] for _, target in chunks]
+        return sum(loss * size for loss, size in zip(losses, sizes)) / sum(sizes)
 
     @torch.no_grad()
     def run_eval(self, model: nn.Module) -> None:

@@ -46,20 +46,20 @@ from builtins import getattr as getattr
 class GrownModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        _attach(self, 'patches', nn.Conv2d(in_channels=1, out_channels=24, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
-        _attach(self, 'norm1', nn.LayerNorm(normalized_shape=(24,), eps=3.3333333333333337e-06, elementwise_affine=True, bias=True))
-        _attach(self, 'attention.q', nn.Linear(in_features=24, out_features=8, bias=True))
-        _attach(self, 'attention.k', nn.Linear(in_features=24, out_features=8, bias=True))
-        _attach(self, 'attention.v', nn.Linear(in_features=24, out_features=8, bias=True))
-        _attach(self, 'attention.out_proj', nn.Linear(in_features=8, out_features=24, bias=True))
-        _attach(self, 'norm2', nn.LayerNorm(normalized_shape=(24,), eps=3.3333333333333337e-06, elementwise_affine=True, bias=True))
-        _attach(self, 'mlp.0', nn.Linear(in_features=24, out_features=33, bias=True))
+        _attach(self, 'patches', nn.Conv2d(in_channels=1, out_channels=58, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
+        _attach(self, 'norm1', nn.LayerNorm(normalized_shape=(58,), eps=1.3793103448275865e-06, elementwise_affine=True, bias=True))
+        _attach(self, 'attention.q', nn.Linear(in_features=58, out_features=24, bias=True))
+        _attach(self, 'attention.k', nn.Linear(in_features=58, out_features=24, bias=True))
+        _attach(self, 'attention.v', nn.Linear(in_features=58, out_features=24, bias=True))
+        _attach(self, 'attention.out_proj', nn.Linear(in_features=24, out_features=58, bias=True))
+        _attach(self, 'norm2', nn.LayerNorm(normalized_shape=(58,), eps=1.3793103448275865e-06, elementwise_affine=True, bias=True))
+        _attach(self, 'mlp.0', nn.Linear(in_features=58, out_features=75, bias=True))
         _attach(self, 'mlp.1', nn.GELU(approximate='none'))
-        _attach(self, 'mlp.2', nn.Linear(in_features=33, out_features=24, bias=True))
-        _attach(self, 'norm', nn.LayerNorm(normalized_shape=(24,), eps=3.3333333333333337e-06, elementwise_affine=True, bias=True))
-        _attach(self, 'head', nn.Linear(in_features=24, out_features=10, bias=True))
-        _attach_buffer(self, 'class_token', torch.empty((1, 1, 24), dtype=torch.float32))
-        _attach_buffer(self, 'position', torch.empty((1, 17, 24), dtype=torch.float32))
+        _attach(self, 'mlp.2', nn.Linear(in_features=75, out_features=58, bias=True))
+        _attach(self, 'norm', nn.LayerNorm(normalized_shape=(58,), eps=1.3793103448275865e-06, elementwise_affine=True, bias=True))
+        _attach(self, 'head', nn.Linear(in_features=58, out_features=10, bias=True))
+        _attach_buffer(self, 'class_token', torch.empty((1, 1, 58), dtype=torch.float32))
+        _attach_buffer(self, 'position', torch.empty((1, 17, 58), dtype=torch.float32))
 
     def forward(self, x):
         getattr_1 = x.shape
@@ -78,13 +78,13 @@ class GrownModel(nn.Module):
         size_1 = norm1.size(1)
         size_2 = norm1.size(1)
         attention_q = self.attention.q(norm1)
-        view_1 = attention_q.view(size, size_1, 2, -1);  attention_q = None
+        view_1 = attention_q.view(size, size_1, -1, 4);  attention_q = None
         transpose = view_1.transpose(1, 2);  view_1 = None
         attention_k = self.attention.k(norm1)
-        view_2 = attention_k.view(size, size_2, 2, -1);  attention_k = None
+        view_2 = attention_k.view(size, size_2, -1, 4);  attention_k = None
         transpose_1 = view_2.transpose(1, 2);  view_2 = None
         attention_v = self.attention.v(norm1);  norm1 = None
-        view_3 = attention_v.view(size, size_2, 2, -1);  attention_v = size_2 = None
+        view_3 = attention_v.view(size, size_2, -1, 4);  attention_v = size_2 = None
         transpose_2 = view_3.transpose(1, 2);  view_3 = None
         scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(transpose, transpose_1, transpose_2, attn_mask = None, is_causal = False);  transpose = transpose_1 = transpose_2 = None
         transpose_3 = scaled_dot_product_attention.transpose(1, 2);  scaled_dot_product_attention = None
