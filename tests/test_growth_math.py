@@ -15,7 +15,7 @@ from growc.graph.rewrite import NewUnits, SiteGrowth, carry_optimizer_state
 from growc.graph.trace import trace
 from growc.growth.collector import StatisticsCollector
 from growc.growth.config import GrowthConfig
-from growc.growth.step import LineSearchBatch, StepContext, assess_sites, grow_site
+from growc.growth.step import LineSearchBatch, StepContext, assess_sites, capped_neurons, grow_site, new_units
 from growc.tiny.site_solution import neurons_raw_gain, solve_site
 from growc.tiny.strategies import make_strategy
 
@@ -202,3 +202,36 @@ def test_the_line_search_loss_taken_in_chunks_is_the_whole_batch_loss():
     assert chunked.chunk == 16
     assert chunked.loss(model) == pytest.approx(whole, rel=1e-6)
     assert model.training
+
+
+def test_new_rows_are_no_longer_than_the_existing_rows():
+    """Where the signal lies in an input of small variance among large ones, a unit as large (in
+    pre-activation) as the existing ones, which read the large inputs, needs weights several
+    times theirs; capped, its rows are the RMS row norm, in the same direction, and the
+    predicted gain follows the capped neuron."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 6, dtype=torch.float64)
+    x[:, 1:] *= 10.0  # the feature the target depends on, x[:, 0], at a tenth of the others' scale
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    sites = find_width_sites(trace(model)).sites
+    collector = StatisticsCollector(model, sites[:1], folds=1)
+    with collector:
+        F.cross_entropy(model(x), y).backward()
+        collector.accumulate(x.shape[0])
+    (a,) = assess_sites(model, sites[:1], collector.accumulators, GrowthConfig())
+    neurons = a.solution.neurons.take(1)
+    rows_rms = float(model[0].weight.detach().pow(2).sum(1).mean().sqrt())
+    uncapped = new_units(a, neurons, torch.float64)[0].rows
+    assert float(uncapped.norm()) > 2 * rows_rms, "the case exercises the cap"
+    capped = capped_neurons(a, neurons)
+    units, scale = new_units(a, capped, torch.float64)
+    assert float(units.rows.norm()) == pytest.approx(rows_rms, rel=1e-9)
+    assert F.cosine_similarity(units.rows.flatten(), uncapped.flatten(), dim=0) == pytest.approx(1.0)
+    predicted = a.site.slope_at_zero * scale * float(neurons_raw_gain(a.moments, capped.alpha, capped.omega).sum())
+    with torch.no_grad():
+        base = float(F.cross_entropy(model(x), y))
+        growth = SiteGrowth(model, a.site, units)
+        growth.set_amplitude(1e-3)
+        observed = (base - float(F.cross_entropy(model(x), y))) / 1e-6
+    assert abs(observed / predicted - 1) < 0.05, (observed, predicted)

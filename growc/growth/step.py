@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -45,6 +46,7 @@ class SiteAssessment:
     # that mean's standard error, and the z it had to clear (mean > z * std_error).
     test: tuple[float, float, float] | None = None
     groups: UnitGroups | None = None  # channel groups: neurons come a level (one per group) at a time
+    row_rms: float = 0.0  # RMS norm of the producer's existing weight rows (0: no such layer)
 
     @property
     def group_size(self) -> int:
@@ -72,6 +74,40 @@ class SiteAssessment:
         """First-order loss decrease per parameter of the k-th neuron (0-based): the ranking key."""
         lam2 = float(self.solution.neurons.lambdas[k]) ** 2 * self.solution.rows_per_sample
         return self.site.slope_at_zero * lam2 / self.cost
+
+
+def _row_rms(model: nn.Module, site: Site) -> float:
+    """RMS norm of the weight rows of the layer whose new rows a site writes (0: none)."""
+    name = getattr(site, "producer", None)
+    if site.adds_modules or not name:
+        return 0.0
+    weight = getattr(model.get_submodule(name), "weight", None)
+    if not isinstance(weight, Tensor) or weight.numel() == 0:
+        return 0.0
+    rows = weight.detach().reshape(weight.shape[0], -1).double()
+    return float(rows.pow(2).sum(1).mean().sqrt())
+
+
+def capped_neurons(a: SiteAssessment, neurons: Neurons) -> Neurons:
+    """The neurons with each new weight row no longer than the existing rows' RMS norm.
+
+    `new_units` gives a new unit the pre-activation of a typical existing one. Where its input
+    direction has little variance (a token mean, a channel that a LayerNorm left nearly constant,
+    inputs of very different scales), that takes weights far larger than any existing row: up to
+    sqrt(inputs / ridge) times, since the ridge floors each direction's variance at a tenth of
+    the mean. Repeated over steps this compounded: on examples/digits_vit.py the output projection
+    reached weights of 3e8 and the MLP's first layer 5e8 within 20 steps, which float32 still
+    computed but int8 could not (8.9 and 37.9 points lost). A capped neuron keeps its direction;
+    its first-order gain shrinks with it (the predicted gain is computed from these neurons).
+    Behind a BatchNorm the row's scale is the norm's business and nothing is capped."""
+    if a.row_rms <= 0 or a.mode is InputMode.CENTERED or neurons.count == 0:
+        return neurons
+    weights, _ = a.mode.decode(neurons.alpha)
+    norms = weights.norm(dim=0) * a.unit_scale
+    factor = torch.where(norms > a.row_rms, a.row_rms / norms.clamp_min(1e-300), torch.ones_like(norms))
+    if bool((factor >= 1).all()):
+        return neurons
+    return dataclasses.replace(neurons, alpha=neurons.alpha * factor.to(neurons.alpha))
 
 
 def assess_sites(
@@ -111,6 +147,7 @@ def assess_sites(
                 mode=mode,
                 unit_scale=site.unit_scale(model, moments.s_prev),
                 column_rms=site.column_scale(model, moments.s_prev),
+                row_rms=_row_rms(model, site),
                 input_mean=input_mean(raw)[0],
                 reached_moments=reached,
                 test=(
@@ -407,6 +444,7 @@ def grow_site(ctx: StepContext, a: SiteAssessment, count: int) -> tuple[SiteGrow
     if ctx.config.update_existing and a.site.consumers:
         update = _apply_best_update(model, a, batch, loss_before)
     neurons, reason = _proposed_neurons(ctx, a, count)
+    neurons = capped_neurons(a, neurons)
     if neurons.count == 0:
         reason = reason or f"the strategy proposed no neuron ({count} asked)"
         return _no_growth(a, reason, loss_before - update.loss, update)
