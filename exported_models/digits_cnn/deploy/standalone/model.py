@@ -45,10 +45,10 @@ def _attach_buffer(root: nn.Module, path: str, tensor: torch.Tensor) -> None:
 class GrownModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        _attach(self, 'conv1', nn.Conv2d(in_channels=1, out_channels=12, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
-        _attach(self, 'conv2', nn.Conv2d(in_channels=12, out_channels=19, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
+        _attach(self, 'conv1', nn.Conv2d(in_channels=1, out_channels=9, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
+        _attach(self, 'conv2', nn.Conv2d(in_channels=9, out_channels=20, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
         _attach(self, 'pool', nn.MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, return_indices=False, ceil_mode=False))
-        _attach(self, 'head', nn.Linear(in_features=304, out_features=10, bias=True))
+        _attach(self, 'head', nn.Linear(in_features=320, out_features=10, bias=True))
 
     def forward(self, x):
         conv1 = self.conv1(x);  x = None

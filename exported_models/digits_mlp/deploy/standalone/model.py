@@ -45,10 +45,10 @@ def _attach_buffer(root: nn.Module, path: str, tensor: torch.Tensor) -> None:
 class GrownModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        _attach(self, 'fc1', nn.Linear(in_features=64, out_features=30, bias=True))
+        _attach(self, 'fc1', nn.Linear(in_features=64, out_features=41, bias=True))
         _attach(self, 'act', nn.ReLU(inplace=False))
-        _attach(self, 'fc2', nn.Linear(in_features=30, out_features=24, bias=True))
-        _attach(self, 'out', nn.Linear(in_features=24, out_features=10, bias=True))
+        _attach(self, 'fc2', nn.Linear(in_features=41, out_features=26, bias=True))
+        _attach(self, 'out', nn.Linear(in_features=26, out_features=10, bias=True))
 
     def forward(self, x):
         fc1 = self.fc1(x);  x = None

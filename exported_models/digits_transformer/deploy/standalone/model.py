@@ -46,18 +46,18 @@ from builtins import getattr as getattr
 class GrownModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        _attach(self, 'embed', nn.Linear(in_features=4, out_features=21, bias=True))
-        _attach(self, 'norm1', nn.LayerNorm(normalized_shape=(21,), eps=3.80952380952381e-06, elementwise_affine=True, bias=True))
-        _attach(self, 'q', nn.Linear(in_features=21, out_features=8, bias=True))
-        _attach(self, 'k', nn.Linear(in_features=21, out_features=8, bias=True))
-        _attach(self, 'v', nn.Linear(in_features=21, out_features=8, bias=True))
-        _attach(self, 'proj', nn.Linear(in_features=8, out_features=21, bias=True))
-        _attach(self, 'norm2', nn.LayerNorm(normalized_shape=(21,), eps=3.80952380952381e-06, elementwise_affine=True, bias=True))
-        _attach(self, 'fc1', nn.Linear(in_features=21, out_features=78, bias=True))
-        _attach(self, 'fc2', nn.Linear(in_features=78, out_features=21, bias=True))
-        _attach(self, 'norm', nn.LayerNorm(normalized_shape=(21,), eps=3.80952380952381e-06, elementwise_affine=True, bias=True))
-        _attach(self, 'head', nn.Linear(in_features=21, out_features=10, bias=True))
-        _attach_buffer(self, 'position', torch.empty((16, 21), dtype=torch.float32))
+        _attach(self, 'embed', nn.Linear(in_features=4, out_features=26, bias=True))
+        _attach(self, 'norm1', nn.LayerNorm(normalized_shape=(26,), eps=3.076923076923077e-06, elementwise_affine=True, bias=True))
+        _attach(self, 'q', nn.Linear(in_features=26, out_features=8, bias=True))
+        _attach(self, 'k', nn.Linear(in_features=26, out_features=8, bias=True))
+        _attach(self, 'v', nn.Linear(in_features=26, out_features=8, bias=True))
+        _attach(self, 'proj', nn.Linear(in_features=8, out_features=26, bias=True))
+        _attach(self, 'norm2', nn.LayerNorm(normalized_shape=(26,), eps=3.076923076923077e-06, elementwise_affine=True, bias=True))
+        _attach(self, 'fc1', nn.Linear(in_features=26, out_features=47, bias=True))
+        _attach(self, 'fc2', nn.Linear(in_features=47, out_features=26, bias=True))
+        _attach(self, 'norm', nn.LayerNorm(normalized_shape=(26,), eps=3.076923076923077e-06, elementwise_affine=True, bias=True))
+        _attach(self, 'head', nn.Linear(in_features=26, out_features=10, bias=True))
+        _attach_buffer(self, 'position', torch.empty((16, 26), dtype=torch.float32))
 
     def forward(self, x):
         getattr_1 = x.shape

@@ -46,20 +46,20 @@ from builtins import getattr as getattr
 class GrownModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        _attach(self, 'patches', nn.Conv2d(in_channels=1, out_channels=58, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
-        _attach(self, 'norm1', nn.LayerNorm(normalized_shape=(58,), eps=1.3793103448275865e-06, elementwise_affine=True, bias=True))
-        _attach(self, 'attention.q', nn.Linear(in_features=58, out_features=24, bias=True))
-        _attach(self, 'attention.k', nn.Linear(in_features=58, out_features=24, bias=True))
-        _attach(self, 'attention.v', nn.Linear(in_features=58, out_features=24, bias=True))
-        _attach(self, 'attention.out_proj', nn.Linear(in_features=24, out_features=58, bias=True))
-        _attach(self, 'norm2', nn.LayerNorm(normalized_shape=(58,), eps=1.3793103448275865e-06, elementwise_affine=True, bias=True))
-        _attach(self, 'mlp.0', nn.Linear(in_features=58, out_features=75, bias=True))
+        _attach(self, 'patches', nn.Conv2d(in_channels=1, out_channels=94, kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
+        _attach(self, 'norm1', nn.LayerNorm(normalized_shape=(94,), eps=8.510638297872345e-07, elementwise_affine=True, bias=True))
+        _attach(self, 'attention.q', nn.Linear(in_features=94, out_features=32, bias=True))
+        _attach(self, 'attention.k', nn.Linear(in_features=94, out_features=32, bias=True))
+        _attach(self, 'attention.v', nn.Linear(in_features=94, out_features=32, bias=True))
+        _attach(self, 'attention.out_proj', nn.Linear(in_features=32, out_features=94, bias=True))
+        _attach(self, 'norm2', nn.LayerNorm(normalized_shape=(94,), eps=8.510638297872345e-07, elementwise_affine=True, bias=True))
+        _attach(self, 'mlp.0', nn.Linear(in_features=94, out_features=143, bias=True))
         _attach(self, 'mlp.1', nn.GELU(approximate='none'))
-        _attach(self, 'mlp.2', nn.Linear(in_features=75, out_features=58, bias=True))
-        _attach(self, 'norm', nn.LayerNorm(normalized_shape=(58,), eps=1.3793103448275865e-06, elementwise_affine=True, bias=True))
-        _attach(self, 'head', nn.Linear(in_features=58, out_features=10, bias=True))
-        _attach_buffer(self, 'class_token', torch.empty((1, 1, 58), dtype=torch.float32))
-        _attach_buffer(self, 'position', torch.empty((1, 17, 58), dtype=torch.float32))
+        _attach(self, 'mlp.2', nn.Linear(in_features=143, out_features=94, bias=True))
+        _attach(self, 'norm', nn.LayerNorm(normalized_shape=(94,), eps=8.510638297872345e-07, elementwise_affine=True, bias=True))
+        _attach(self, 'head', nn.Linear(in_features=94, out_features=10, bias=True))
+        _attach_buffer(self, 'class_token', torch.empty((1, 1, 94), dtype=torch.float32))
+        _attach_buffer(self, 'position', torch.empty((1, 17, 94), dtype=torch.float32))
 
     def forward(self, x):
         getattr_1 = x.shape

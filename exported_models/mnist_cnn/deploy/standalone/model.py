@@ -47,8 +47,8 @@ class GrownModel(nn.Module):
         super().__init__()
         _attach(self, 'conv1', nn.Conv2d(in_channels=1, out_channels=4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
         _attach(self, 'pool', nn.MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, return_indices=False, ceil_mode=False))
-        _attach(self, 'conv2', nn.Conv2d(in_channels=4, out_channels=9, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
-        _attach(self, 'head', nn.Linear(in_features=441, out_features=10, bias=True))
+        _attach(self, 'conv2', nn.Conv2d(in_channels=4, out_channels=10, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, bias=True, padding_mode='zeros'))
+        _attach(self, 'head', nn.Linear(in_features=490, out_features=10, bias=True))
 
     def forward(self, x):
         conv1 = self.conv1(x);  x = None
